@@ -1,0 +1,119 @@
+"""Shared fixtures: a live emulator over real sockets, images, manifests, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from PIL import Image
+
+from batch.emulator import Emulator, EmulatorConfig, serve_in_thread
+
+API_KEY = "test-key-3f9a1c-do-not-leak"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _test_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WSBATCH_ZERO_BACKOFF", "1")
+    monkeypatch.setenv("WAVESPEED_API_KEY", API_KEY)
+    monkeypatch.delenv("WAVESPEED_BASE_URL", raising=False)
+
+
+@pytest.fixture
+def emulator() -> Iterator[Emulator]:
+    with serve_in_thread(EmulatorConfig(api_key=API_KEY, seed=1)) as emu:
+        yield emu
+
+
+def make_image(path: Path, color: tuple[int, int, int] = (200, 80, 40), size: int = 32) -> Path:
+    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}[path.suffix.lower()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), color).save(path, fmt)
+    return path
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[Path]:
+    """Four small distinct images in tmp_path/images."""
+    colors = [(200, 80, 40), (40, 160, 90), (30, 60, 200), (220, 200, 30)]
+    names = ["a.png", "b.jpg", "c.webp", "d.png"]
+    return [make_image(tmp_path / "images" / n, c) for n, c in zip(names, colors, strict=True)]
+
+
+WriteManifest = Callable[..., Path]
+
+
+@pytest.fixture
+def write_manifest(tmp_path: Path) -> WriteManifest:
+    """Write rows as a YAML, CSV or JSONL manifest next to tmp_path/images."""
+
+    def write(rows: list[dict[str, Any]], kind: str = "yaml", name: str = "m", **top: Any) -> Path:
+        path = tmp_path / f"{name}.{kind}"
+        if kind == "yaml":
+            doc: Any = {**top, "rows": rows} if top else rows
+            path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        elif kind == "jsonl":
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        elif kind == "csv":
+            cols = list(dict.fromkeys(k for r in rows for k in r))
+            lines = [",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols) for r in rows]
+            path.write_text("\n".join(lines) + "\n")
+        else:
+            raise ValueError(kind)
+        return path
+
+    return write
+
+
+def simple_rows(images: list[Path], n: int, **extra: Any) -> list[dict[str, Any]]:
+    return [
+        {"id": f"row-{i:04d}", "image": f"images/{images[i % len(images)].name}",
+         "prompt": f"edit number {i}", "seed": i, **extra}
+        for i in range(n)
+    ]
+
+
+def read_ledger_lines(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+
+
+class CLIResult:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CLIResult]:
+    """Run `wsbatch ...` in-process and capture its exit code and streams."""
+    from batch.cli import main
+
+    def run(*args: str) -> CLIResult:
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CLIResult(code, captured.out, captured.err)
+
+    return run
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+    return env
+
+
+def wsbatch_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "batch", *[str(a) for a in args]]
+
+
+def run_subprocess(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        wsbatch_cmd(*args), capture_output=True, text=True, timeout=timeout,
+        env=subprocess_env(**env), stdin=subprocess.DEVNULL,
+    )
