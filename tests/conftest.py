@@ -75,8 +75,13 @@ def write_manifest(tmp_path: Path) -> WriteManifest:
 
 def simple_rows(images: list[Path], n: int, **extra: Any) -> list[dict[str, Any]]:
     return [
-        {"id": f"row-{i:04d}", "image": f"images/{images[i % len(images)].name}",
-         "prompt": f"edit number {i}", "seed": i, **extra}
+        {
+            "id": f"row-{i:04d}",
+            "image": f"images/{images[i % len(images)].name}",
+            "prompt": f"edit number {i}",
+            "seed": i,
+            **extra,
+        }
         for i in range(n)
     ]
 
@@ -114,6 +119,10 @@ def wsbatch_cmd(*args: str) -> list[str]:
 
 def run_subprocess(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        wsbatch_cmd(*args), capture_output=True, text=True, timeout=timeout,
-        env=subprocess_env(**env), stdin=subprocess.DEVNULL,
+        wsbatch_cmd(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=subprocess_env(**env),
+        stdin=subprocess.DEVNULL,
     )
