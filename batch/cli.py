@@ -223,7 +223,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 class _ProgressView:
     """A tqdm bar on a terminal, a plain line every few seconds otherwise."""
 
-    def __init__(self, total: int, enabled: bool, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, total: int, enabled: bool, stream: TextIO | None = None) -> None:
+        stream = stream or sys.stderr
         self.stream = stream
         self.enabled = enabled and total > 0
         self.bar: Any = None
