@@ -418,18 +418,24 @@ class Client:
                 if resp.status in (301, 302, 303, 307, 308) and not headers:
                     location = resp.headers.get("Location", "")
                     return await self._download_redirected(url, location)
-                if resp.status != 200:
-                    raise OutputError(
+                if resp.status >= 500 or resp.status in (408, 429):
+                    raise ApiError(
                         f"download: HTTP {resp.status}",
-                        retryable=resp.status >= 500 or resp.status in (404, 408, 429),
+                        status=resp.status,
+                        retryable=True,
+                        retry_after=parse_retry_after(resp.headers.get("Retry-After")),
                     )
+                if resp.status != 200:
+                    raise OutputError(f"download: HTTP {resp.status}")
                 data = await self._read_capped(resp, self.max_download_bytes, "download")
                 if resp.content_length is not None and len(data) != resp.content_length:
                     raise OutputError("download: truncated")
         except (OutputError, ApiError):
             raise
+        except aiohttp.ClientPayloadError:
+            raise OutputError("download: truncated") from None
         except Exception as exc:
-            raise OutputError(f"download: {type(exc).__name__}") from None
+            raise self._transport_error(exc, "download") from None
         self.stats.bytes_downloaded += len(data)
         return data
 

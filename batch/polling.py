@@ -18,9 +18,11 @@ QUANTILES = (0.34, 0.67, 1.0)
 
 
 class PollSchedule:
-    def __init__(self, floor: float = 0.5, first: float = 1.0, max_gap: float = 10.0) -> None:
+    def __init__(
+        self, floor: float = 0.5, first: float | None = None, max_gap: float = 10.0
+    ) -> None:
         self.floor = floor
-        self.first = first
+        self.first = 2 * floor if first is None else first
         self.max_gap = max_gap
         self._recent: deque[float] = deque(maxlen=WINDOW)
         self._sorted: list[float] = []
@@ -54,5 +56,5 @@ class PollSchedule:
         if since_last_poll is None or elapsed < start:
             return max(start, elapsed)
         # Past what we expected: widen the gaps, as the vendor asks of image clients.
-        gap = min(max(since_last_poll * 1.5, self.floor, 1.0), self.max_gap)
+        gap = min(max(since_last_poll * 1.5, 2 * self.floor), self.max_gap)
         return elapsed + gap

@@ -627,18 +627,27 @@ class Runner:
         self.progress.completed += 1
 
     async def _fetch(self, value: str, fmt: str, deadline: float) -> bytes:
-        failures = 0
+        """Download one output: bad bytes count against --retries, a flaky network only
+        against the task deadline."""
+        bad = 0
+        errors = 0
         while True:
             try:
                 return await self.client.fetch_output(value, fmt)
             except OutputError as exc:
-                failures += 1
-                if not exc.retryable or failures > self.options.retries:
+                bad += 1
+                if not exc.retryable or bad > self.options.retries:
                     raise
-                if time.monotonic() > deadline:
+                wait = self.backoff.delay(bad - 1)
+            except ApiError as exc:
+                if not exc.retryable:
                     raise
-                self.counters.retries += 1
-                await asyncio.sleep(self.backoff.delay(failures - 1))
+                errors += 1
+                wait = self.backoff.delay(min(errors, 5), exc.retry_after)
+            if time.monotonic() + wait > deadline:
+                raise _DeadlineExceeded
+            self.counters.retries += 1
+            await asyncio.sleep(wait)
 
     async def _record_failure(
         self,

@@ -175,25 +175,23 @@ def wait_for_events(out: Path, event: str, count: int, timeout: float = 20) -> N
 
 def test_kill_9_at_random_moments_loses_nothing(emulator, images, write_manifest, tmp_path):
     """SIGKILL at random instants, then resume: every row once, exact bytes, few duplicates."""
-    emulator.config.latency = (0.05, 0.4)
-    rows = simple_rows(images, 40)
+    emulator.config.latency = (0.1, 0.5)
+    rows = simple_rows(images, 60)
     path = write_manifest(rows)
     out = tmp_path / "out"
     rng = random.Random(7)
     kills = 0
-    for _ in range(60):
+    for _ in range(6):
         proc = start_run(path, out, emulator.base_url, "--concurrency", "8")
         try:
-            code = proc.wait(timeout=rng.uniform(0.3, 1.2))
+            proc.wait(timeout=rng.uniform(0.4, 1.0))
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
-            proc.wait()
             kills += 1
-            continue
-        assert code == 0, proc.stderr.read() if proc.stderr else ""
-        break
-    else:
-        raise AssertionError("the run never finished")
+        proc.wait()
+    final = start_run(path, out, emulator.base_url, "--concurrency", "8")
+    _, stderr = final.communicate(timeout=60)
+    assert final.returncode == 0, stderr
     assert kills >= 3
     # The ledger is whole JSON from top to bottom.
     events = read_ledger_lines(out)
