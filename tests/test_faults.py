@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
@@ -134,7 +135,7 @@ def test_rate_cap_spaces_submissions(run, images, write_manifest, emulator):
     path = write_manifest(simple_rows(images, 5))
     assert run(path, "--rate", "300", "--concurrency", "5").code == 0
     times = sorted(submit_times(emulator))
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(times) == 5 and min(gaps) >= 0.19
 
 

@@ -219,7 +219,7 @@ def test_sigint_finishes_in_flight_tasks_and_exits_130(emulator, images, write_m
     proc = start_run(path, out, emulator.base_url, "--concurrency", "4")
     wait_for_events(out, "submitted", 4)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=20)
+    _stdout, stderr = proc.communicate(timeout=20)
     assert proc.returncode == 130, stderr
     states = final_states(out)
     assert all(s["event"] != "submitted" for s in states.values())
