@@ -1184,6 +1184,11 @@ def serve_in_thread(
             ready.set()
             loop.run_forever()
             loop.run_until_complete(emulator.close())
+            # Handlers still sleeping (scripted "slow" faults) must not outlive the loop.
+            leftovers = asyncio.all_tasks(loop)
+            for task in leftovers:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:

@@ -294,3 +294,28 @@ def test_key_never_appears_in_a_failure_message(run, manifest, emulator, tmp_pat
     result = run(manifest)
     assert API_KEY not in (tmp_path / "out" / "ledger.jsonl").read_text()
     assert API_KEY not in result.out + result.err
+
+
+def test_submit_read_timeout_is_retried_and_counted_as_possible_duplicate(
+    emulator, images, write_manifest, tmp_path
+):
+    """A submit that times out after sending is retried, and the possible duplicate reported."""
+    import asyncio
+
+    from batch.client import Client, Timeouts
+    from batch.manifest import load_manifest
+    from batch.runner import Runner, RunOptions
+
+    emulator.script("submit", "slow")  # answers after 5 s, long after the client gave up
+
+    async def go():
+        timeouts = Timeouts(submit=0.3, poll=5.0)
+        async with Client(emulator.base_url, API_KEY, timeouts=timeouts) as client:
+            manifest = load_manifest(write_manifest(simple_rows(images, 1)))
+            options = RunOptions(out_dir=tmp_path / "out", handle_signals=False)
+            return await Runner(manifest, client, options).run()
+
+    summary = asyncio.run(go())
+    assert summary.completed == 1 and summary.submitted == 1
+    assert summary.possible_duplicates == 1
+    assert emulator.stats.fault_count("slow", "submit") == 1
