@@ -609,19 +609,20 @@ class Runner:
             data = await self._fetch(value, row.output_format, deadline)
             await write_atomic(self.out_dir, name, data)
             digests.append(hashlib.sha256(data).hexdigest())
-        await self.ledger.write(
-            {
-                "event": "completed",
-                "row": row.id,
-                "prediction_id": pid,
-                "outputs": names,
-                "sha256": digests,
-                "nsfw": list(prediction.nsfw),
-                "inference_ms": prediction.inference_ms,
-                "seed": seed,
-                "fingerprint": row.fingerprint,
-            }
-        )
+        event: dict[str, Any] = {
+            "event": "completed",
+            "row": row.id,
+            "prediction_id": pid,
+            "outputs": names,
+            "sha256": digests,
+            "nsfw": list(prediction.nsfw),
+            "inference_ms": prediction.inference_ms,
+            "seed": seed,
+            "fingerprint": row.fingerprint,
+        }
+        if row.meta:
+            event["meta"] = dict(row.meta)
+        await self.ledger.write(event)
         self._final[row.id] = "completed"
         self._known_pid.discard(row.id)
         self.progress.completed += 1
