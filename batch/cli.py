@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -317,10 +318,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
 async def _run(
     manifest: Manifest, base_url: str, key: str, options: RunOptions, view: _ProgressView
 ) -> Summary:
-    connections = min(max(options.concurrency * 2, 8), 2000)
+    _raise_open_file_limit(options.concurrency)
+    # Each worker holds at most one connection at a time; a few spare for keep-alive.
+    connections = options.concurrency + 8
     async with Client(base_url, key, connections=connections) as client:
         runner = Runner(manifest, client, options, progress=view)
         return await runner.run()
+
+
+def _raise_open_file_limit(concurrency: int) -> None:
+    """Let --concurrency 1000 open its sockets: lift the soft fd limit toward the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = concurrency * 2 + 64
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _print_summary(summary: Summary, as_json: bool) -> None:

@@ -248,12 +248,19 @@ class Runner:
             await self.ledger.write(self._run_event())
             self._emit()
             work = self._work(planned)
+            started = []
             for n in range(max(1, self.options.concurrency)):
                 task = asyncio.create_task(self._worker(work), name=f"worker-{n}")
+                started.append(task)
                 self._workers.add(task)
                 task.add_done_callback(self._workers.discard)
             while self._workers:
                 await asyncio.wait(set(self._workers))
+            for task in started:
+                # A worker only dies of something no row can absorb (the disk, a bug
+                # in failure recording): stop the run rather than lose it silently.
+                if not task.cancelled() and task.exception() is not None and self._fatal is None:
+                    self._fatal = task.exception()
             summary = self.summary()
             await self.ledger.write(
                 {"event": "finished", "run_id": self.run_id, "summary": summary.as_dict()}
