@@ -626,6 +626,11 @@ class Runner:
             "inference_ms": prediction.inference_ms,
             "seed": seed,
             "fingerprint": row.fingerprint,
+            # What the dataset files and the report need, so they can read the ledger alone.
+            "model": row.model,
+            "prompt": row.prompt,
+            "image": row.image,
+            "image_path": str(row.image_path) if row.image_path is not None else None,
         }
         if row.meta:
             event["meta"] = dict(row.meta)
