@@ -14,7 +14,8 @@ import io
 import json
 import os
 import re
-from collections.abc import Mapping
+import stat
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,29 +83,62 @@ class Manifest:
 
 
 class _Located(dict[str, Any]):
-    """A YAML mapping that remembers its own line and each key's line."""
+    """A YAML mapping that remembers its own line, each key's line and repeated keys."""
 
     line: int = 0
     key_lines: dict[str, int]
+    duplicates: list[tuple[str, int]]
+
+
+class _LocatedList(list[Any]):
+    """A YAML sequence that remembers the line of each item."""
+
+    item_lines: list[int]
 
 
 class _LineLoader(yaml.SafeLoader):
-    pass
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # A scalar the resolver typed but Python refuses (2020-13-45, !!int abc,
+        # an int of 5000 digits) raises ValueError & co. without a line: give it one.
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"invalid value ({exc})", node.start_mark
+            ) from None
 
 
 def _construct_located(loader: _LineLoader, node: yaml.MappingNode) -> _Located:
-    loader.flatten_mapping(node)
+    own = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
+    loader.flatten_mapping(node)  # puts keys merged in with `<<` first, the node's own last
+    first_own = len(node.value) - own
     mapping = _Located()
     mapping.line = node.start_mark.line + 1
     mapping.key_lines = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        mapping[str(key)] = loader.construct_object(value_node, deep=True)
-        mapping.key_lines[str(key)] = key_node.start_mark.line + 1
+    mapping.duplicates = []
+    own_keys: set[str] = set()
+    for index, (key_node, value_node) in enumerate(node.value):
+        key = str(loader.construct_object(key_node, deep=True))
+        line = key_node.start_mark.line + 1
+        if index >= first_own:  # overriding a merged key is what `<<` is for
+            if key in own_keys:
+                mapping.duplicates.append((key, line))
+            own_keys.add(key)
+        mapping[key] = loader.construct_object(value_node, deep=True)
+        mapping.key_lines[key] = line
     return mapping
 
 
+def _construct_located_list(loader: _LineLoader, node: yaml.SequenceNode) -> _LocatedList:
+    sequence = _LocatedList(loader.construct_object(child, deep=True) for child in node.value)
+    sequence.item_lines = [child.start_mark.line + 1 for child in node.value]
+    return sequence
+
+
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_located)
+_LineLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_located_list
+)
 
 
 def sniff_image(head: bytes) -> str | None:
@@ -129,6 +163,12 @@ def _request_hash(model: str, image: str, prompt: str, seed: int, fmt: str, para
         [model, image, prompt, seed, fmt, params], sort_keys=True, separators=(",", ":")
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value for a message, cut short: a 5000-digit seed should not fill the screen."""
+    text = str(value).split(";")[0] if isinstance(value, Exception) else repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _suggest(name: str, allowed: tuple[str, ...]) -> str:
@@ -159,14 +199,22 @@ class _Builder:
         self.model = model
         self.max_image_bytes = max_image_bytes
         self.problems: list[Problem] = []
+        self._reported: set[Problem] = set()
+        self._seen = 0  # problems found, counting repeats that are reported once
         self.rows: list[Row] = []
         self._explicit_ids: dict[str, int | None] = {}
+        self._derived_ids: set[str] = set()
         self._derived_seen: dict[str, int] = {}
         self._image_checks: dict[str, str | None] = {}
         self._glob_cache: dict[str, list[str] | str] = {}
 
     def problem(self, line: int | None, name: str, reason: str) -> None:
-        self.problems.append(Problem(self.source, line, name, reason))
+        # A row that expands (prompts x images x seeds) would repeat the same problem.
+        found = Problem(self.source, line, name, reason)
+        self._seen += 1
+        if found not in self._reported:
+            self._reported.add(found)
+            self.problems.append(found)
 
     # -- field checks ----------------------------------------------------
 
@@ -183,7 +231,14 @@ class _Builder:
                 self.problem(line, name, f"malformed URL '{ref}'")
                 return False
             return None
-        path = (self.base / ref).resolve()
+        if "\x00" in ref:
+            self.problem(line, name, "image path contains a NUL character")
+            return False
+        try:
+            path = (self.base / ref).resolve()
+        except (OSError, ValueError, RuntimeError) as exc:
+            self.problem(line, name, f"image path '{ref}' cannot be resolved ({exc})")
+            return False
         key = str(path)
         if key not in self._image_checks:
             self._image_checks[key] = self._probe_file(path, ref)
@@ -198,9 +253,9 @@ class _Builder:
             st = path.stat()
         except FileNotFoundError:
             return f"image file '{ref}' does not exist"
-        except OSError as exc:
-            return f"image file '{ref}' cannot be read ({exc.strerror})"
-        if not path.is_file():
+        except (OSError, ValueError) as exc:
+            return f"image file '{ref}' cannot be read ({getattr(exc, 'strerror', None) or exc})"
+        if not stat.S_ISREG(st.st_mode):
             return f"image '{ref}' is not a regular file"
         if st.st_size > self.max_image_bytes:
             mb = st.st_size / 1_048_576
@@ -217,10 +272,10 @@ class _Builder:
 
     def _seed(self, value: Any, line: int | None, name: str) -> int | None:
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+            if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,20}", value.strip()):
                 value = int(value.strip())
             else:
-                self.problem(line, name, f"must be an integer, got {value!r}")
+                self.problem(line, name, f"must be an integer, got {_show(value)}")
                 return None
         if not SEED_MIN <= value <= SEED_MAX:
             self.problem(line, name, f"{value} is out of range {SEED_MIN}..{SEED_MAX}")
@@ -263,141 +318,185 @@ class _Builder:
 
     def _glob(self, pattern: str) -> list[str] | str:
         target = self.base / pattern
-        if target.is_dir():
-            found = [p for p in sorted(target.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-            if not found:
-                return f"folder '{pattern}' holds no image files"
-        else:
-            found = [
-                Path(p) for p in sorted(glob.glob(str(target), recursive=True)) if Path(p).is_file()
-            ]
-            if not found:
-                return f"'{pattern}' matches no files"
+        try:
+            if target.is_dir():
+                found = [
+                    p
+                    for p in sorted(target.iterdir())
+                    if p.suffix.lower() in IMAGE_SUFFIXES
+                    and not p.name.startswith(".")  # macOS "._x.png" and other hidden files
+                    and p.is_file()
+                ]
+                if not found:
+                    return f"folder '{pattern}' holds no image files"
+            else:
+                # root_dir, not base/pattern: the manifest's own folder may hold [ ] * ?
+                matches = sorted(glob.glob(pattern, root_dir=self.base, recursive=True))
+                found = [self.base / p for p in matches if (self.base / p).is_file()]
+                if not found:
+                    return f"'{pattern}' matches no files"
+        except (OSError, ValueError) as exc:
+            return f"'{pattern}' cannot be listed ({getattr(exc, 'strerror', None) or exc})"
         return [os.path.relpath(p, self.base).replace(os.sep, "/") for p in found]
 
     # -- rows --------------------------------------------------------------
 
-    def add(self, raw: _RawRow, defaults: Mapping[str, Any]) -> None:
+    def add(
+        self,
+        raw: _RawRow,
+        defaults: Mapping[str, Any],
+        default_lines: Mapping[str, int] | None = None,
+    ) -> None:
         row = raw.fields
-        before = len(self.problems)
+        before = self._seen
         for name in row:
             if name not in ROW_FIELDS:
                 self.problem(raw.line_of(name), name, _suggest(name, ROW_FIELDS))
         merged = {**defaults, **{k: v for k, v in row.items() if v is not None}}
+        default_lines = default_lines or {}
+
+        def where(name: str) -> tuple[int | None, str]:
+            """Line and field to blame: the row's own, or the defaults' when inherited."""
+            if row.get(name) is None and name in default_lines:
+                return default_lines[name], f"defaults.{name}"
+            return raw.line_of(name), name
 
         explicit_id = merged.get("id")
         if explicit_id is not None:
             explicit_id = self._check_id(explicit_id, raw)
 
-        images = self._one_or_many(merged, raw, "image", "images")
-        prompts = self._one_or_many(merged, raw, "prompt", "prompts")
-        seeds = self._one_or_many(merged, raw, "seed", "seeds", default=-1)
+        images = self._one_or_many(merged, raw, "image", "images", where)
+        prompts = self._one_or_many(merged, raw, "prompt", "prompts", where)
+        seeds = self._one_or_many(merged, raw, "seed", "seeds", where, default=-1)
 
         fmt = merged.get("output_format", "jpeg")
         if fmt not in OUTPUT_FORMATS:
             self.problem(
-                raw.line_of("output_format"),
-                "output_format",
-                f"must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}",
+                *where("output_format"),
+                f"must be one of {', '.join(OUTPUT_FORMATS)}, got {_show(fmt)}",
             )
+        line, name = where("params")
         params = merged.get("params", {})
         if not isinstance(params, dict):
-            self.problem(raw.line_of("params"), "params", "must be a mapping")
+            self.problem(line, name, "must be a mapping")
             params = {}
-        for name in params:
-            if name in RESERVED_PARAMS:
-                self.problem(raw.line_of("params"), f"params.{name}", "set it as a row field")
+        for key in params:
+            if key in RESERVED_PARAMS:
+                self.problem(line, f"{name}.{key}", "set it as a row field")
         params = {str(k): v for k, v in params.items()}
         try:
             json.dumps(params)
         except (TypeError, ValueError):
-            self.problem(raw.line_of("params"), "params", "values must be JSON data")
+            self.problem(line, name, "values must be JSON data")
             params = {}
-        meta = self._meta(merged.get("meta", {}), raw)
+        meta = self._meta(merged.get("meta", {}), *where("meta"))
         repeat = merged.get("repeat", 1)
         if isinstance(repeat, bool) or not isinstance(repeat, int) or not 1 <= repeat <= MAX_REPEAT:
-            self.problem(raw.line_of("repeat"), "repeat", f"must be an integer 1..{MAX_REPEAT}")
+            self.problem(*where("repeat"), f"must be an integer 1..{MAX_REPEAT}")
             repeat = 1
 
-        if len(self.problems) > before or images is None or prompts is None or seeds is None:
+        # Check every value even when something else is wrong: report all problems at once.
+        checked_images: list[tuple[str, Path | None]] = []
+        if images is not None:
+            image_line, image_field = where(images[0])
+            for ref in images[1]:
+                image_path = self._check_image(ref, image_line, image_field)
+                if image_path is None or isinstance(image_path, Path):
+                    checked_images.append((ref, image_path))
+        checked_prompts: list[str] = []
+        if prompts is not None:
+            for text in prompts[1]:
+                checked = self._prompt(text, *where(prompts[0]))
+                if checked is not None:
+                    checked_prompts.append(checked)
+        checked_seeds: list[int] = []
+        if seeds is not None:
+            for value in seeds[1]:
+                seed = self._seed(value, *where(seeds[0]))
+                if seed is not None:
+                    checked_seeds.append(seed)
+
+        if self._seen > before or images is None or prompts is None or seeds is None:
             return
-        combos = [(i, p, s) for i in images for p in prompts for s in seeds]
-        count = len(combos) * repeat
-        if explicit_id is not None and count > 1:
+        combos = [(i, p, s) for i in checked_images for p in checked_prompts for s in checked_seeds]
+        if explicit_id is not None and len(combos) * repeat > 1:
             self.problem(
                 raw.line_of("id"),
                 "id",
                 "an explicit id names one task; drop 'repeat' or the lists, or drop the id",
             )
             return
-        for image_ref, prompt, seed in combos:
-            image_path = self._check_image(
-                image_ref,
-                raw.line_of("image") or raw.line_of("images"),
-                "image" if "image" in merged else "images",
-            )
-            checked_prompt = self._prompt(
-                prompt, raw.line_of("prompt") or raw.line_of("prompts"), "prompt"
-            )
-            checked_seed = self._seed(seed, raw.line_of("seed") or raw.line_of("seeds"), "seed")
-            if image_path is False or checked_prompt is None or checked_seed is None:
-                continue
-            digest = _request_hash(self.model, image_ref, checked_prompt, checked_seed, fmt, params)
+        for (image_ref, image_path), prompt, seed in combos:
+            digest = _request_hash(self.model, image_ref, prompt, seed, fmt, params)
             for _ in range(repeat):
                 row_id = explicit_id or self._derived_id(digest)
                 self.rows.append(
                     Row(
                         id=row_id,
                         image=image_ref,
-                        prompt=checked_prompt,
-                        seed=checked_seed,
+                        prompt=prompt,
+                        seed=seed,
                         output_format=fmt,
                         model=self.model,
                         params=params,
                         meta=meta,
                         fingerprint=digest[:32],
                         source=f"{self.source}:{raw.line}" if raw.line else self.source,
-                        image_path=image_path if isinstance(image_path, Path) else None,
+                        image_path=image_path,
                     )
                 )
 
     def _one_or_many(
-        self, merged: dict[str, Any], raw: _RawRow, one: str, many: str, default: Any = None
-    ) -> list[Any] | None:
-        if one in raw.fields and many in raw.fields:
+        self,
+        merged: dict[str, Any],
+        raw: _RawRow,
+        one: str,
+        many: str,
+        where: Callable[[str], tuple[int | None, str]],
+        default: Any = None,
+    ) -> tuple[str, list[Any]] | None:
+        """The field used (``one`` or ``many``) and its values, or None after a problem."""
+        # A field written empty (`image:` in YAML, null in JSON) counts as absent.
+        has_one = raw.fields.get(one) is not None
+        has_many = raw.fields.get(many) is not None
+        if has_one and has_many:
             self.problem(raw.line_of(many), many, f"give either '{one}' or '{many}', not both")
             return None
         # The row's own field beats the defaults; the single form beats the list.
-        if one in raw.fields:
+        if has_one:
             chosen = one
-        elif many in raw.fields:
+        elif has_many:
             chosen = many
         elif one in merged:
             chosen = one
         elif many in merged:
             chosen = many
         elif default is not None:
-            return [default]
+            return one, [default]
         else:
-            self.problem(raw.line, one, "is required")
+            self.problem(raw.line_of(one), one, "is required")
             return None
         value = merged[chosen]
+        line, name = where(chosen)
+        values: list[Any] | None
         if chosen == "images":
-            return self._expand_images(value, raw.line_of(chosen))
-        if chosen == many:
-            return self._list(value, raw.line_of(chosen), chosen)
-        if one == "image" and not (isinstance(value, str) and value.strip()):
-            self.problem(raw.line_of(one), one, "must be a non-empty path or URL")
-            return None
-        return [value]
+            values = self._expand_images(value, line)
+        elif chosen == many:
+            values = self._list(value, line, name)
+        elif one == "image" and not (isinstance(value, str) and value.strip()):
+            self.problem(line, name, "must be a non-empty path or URL")
+            values = None
+        else:
+            values = [value]
+        return None if values is None else (chosen, values)
 
-    def _meta(self, value: Any, raw: _RawRow) -> dict[str, Any]:
+    def _meta(self, value: Any, line: int | None, name: str) -> dict[str, Any]:
         if not isinstance(value, dict):
-            self.problem(raw.line_of("meta"), "meta", "must be a mapping of names to scalars")
+            self.problem(line, name, "must be a mapping of names to scalars")
             return {}
         for key, item in value.items():
             if item is not None and not isinstance(item, (str, int, float, bool)):
-                self.problem(raw.line_of("meta"), f"meta.{key}", "must be a scalar")
+                self.problem(line, f"{name}.{key}", "must be a scalar")
         return {str(k): v for k, v in value.items()}
 
     def _check_id(self, value: Any, raw: _RawRow) -> str | None:
@@ -427,15 +526,17 @@ class _Builder:
         n = self._derived_seen.get(base, 0) + 1
         self._derived_seen[base] = n
         # Identical rows are legal (repeat sampling): each copy is its own task.
-        return base if n == 1 else f"{base}_{n}"
+        row_id = base if n == 1 else f"{base}_{n}"
+        self._derived_ids.add(row_id)
+        return row_id
 
     def finish(self) -> tuple[Row, ...]:
-        derived = {r.id for r in self.rows if r.id not in self._explicit_ids}
         for row_id, line in self._explicit_ids.items():
-            if row_id in derived:
+            if row_id in self._derived_ids:
                 self.problem(line, "id", f"'{row_id}' collides with a derived id")
         if self.problems:
-            raise ManifestError(self.problems)
+            # In file order, as a compiler lists them; problems without a line first.
+            raise ManifestError(sorted(self.problems, key=lambda p: p.line or 0))
         return tuple(self.rows)
 
 
@@ -462,7 +563,7 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _yaml_rows(path: Path, text: str) -> tuple[Any, list[_RawRow]]:
+def _yaml_rows(path: Path, text: str) -> tuple[dict[str, Any], list[_RawRow], list[Problem]]:
     source = str(path)
     try:
         doc = yaml.load(text, Loader=_LineLoader)  # a SafeLoader subclass: no arbitrary objects
@@ -470,45 +571,63 @@ def _yaml_rows(path: Path, text: str) -> tuple[Any, list[_RawRow]]:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ManifestError([Problem(source, line, "yaml", f"syntax error: {what}")]) from None
+        if not isinstance(exc, yaml.constructor.ConstructorError):
+            what = f"syntax error: {what}"
+        context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and context_mark is not None and context_mark.line + 1 != line:
+            # An unclosed bracket or quote is found lines later: say where it began.
+            what += f" ({context} at line {context_mark.line + 1})"
+        raise ManifestError([Problem(source, line, "yaml", what)]) from None
+    except RecursionError:
+        raise ManifestError([Problem(source, None, "yaml", "nested too deeply")]) from None
     top: dict[str, Any] = {}
-    items: Any
+    problems: list[Problem] = []
+    items: Any = []
     if isinstance(doc, list):
         items = doc
-    elif isinstance(doc, dict):
+    elif isinstance(doc, _Located):
         top = doc
-        problems = []
+        problems += _duplicate_keys(source, doc, "")
         for name in doc:
             if name not in TOP_FIELDS:
-                line = getattr(doc, "key_lines", {}).get(name)
-                problems.append(Problem(source, line, name, _suggest(name, TOP_FIELDS)))
+                problems.append(
+                    Problem(source, doc.key_lines[name], name, _suggest(name, TOP_FIELDS))
+                )
         if "rows" not in doc:
-            problems.append(Problem(source, getattr(doc, "line", None), "rows", "is required"))
-        if problems:
-            raise ManifestError(problems)
-        items = doc["rows"]
-        if not isinstance(items, list):
-            line = doc.key_lines.get("rows") if isinstance(doc, _Located) else None
-            raise ManifestError([Problem(source, line, "rows", "must be a list of rows")])
+            problems.append(Problem(source, doc.line, "rows", "is required"))
+        elif not isinstance(doc["rows"], list):
+            problems.append(
+                Problem(source, doc.key_lines["rows"], "rows", "must be a list of rows")
+            )
+        else:
+            items = doc["rows"]
+    elif doc is None:  # nothing but comments
+        raise ManifestError([Problem(source, None, "manifest", "is empty")])
     else:
         raise ManifestError(
             [Problem(source, 1, "manifest", "must be a list of rows or a mapping with 'rows'")]
         )
+    item_lines = items.item_lines if isinstance(items, _LocatedList) else []
     raws: list[_RawRow] = []
-    problems = []
-    for item in items:
+    for index, item in enumerate(items):
         if not isinstance(item, _Located):
-            problems.append(
-                Problem(source, None, "rows", f"each row must be a mapping, got {item!r}")
-            )
+            line = item_lines[index] if index < len(item_lines) else None
+            got = "nothing" if item is None else type(item).__name__
+            problems.append(Problem(source, line, "rows", f"each row must be a mapping, got {got}"))
             continue
+        problems += _duplicate_keys(source, item, "")
         raws.append(_RawRow(dict(item), item.line, dict(item.key_lines)))
-    if problems:
-        raise ManifestError(problems)
-    return top, raws
+    return top, raws, problems
 
 
-def _jsonl_rows(path: Path, text: str) -> list[_RawRow]:
+def _duplicate_keys(source: str, mapping: _Located, prefix: str) -> list[Problem]:
+    return [
+        Problem(source, line, f"{prefix}{key}", "appears twice in one mapping")
+        for key, line in mapping.duplicates
+    ]
+
+
+def _jsonl_rows(path: Path, text: str) -> tuple[list[_RawRow], list[Problem]]:
     raws: list[_RawRow] = []
     problems: list[Problem] = []
     for number, line in enumerate(io.StringIO(text), start=1):
@@ -519,16 +638,18 @@ def _jsonl_rows(path: Path, text: str) -> list[_RawRow]:
         except json.JSONDecodeError as exc:
             problems.append(Problem(str(path), number, "json", f"syntax error: {exc.msg}"))
             continue
+        except (ValueError, RecursionError) as exc:  # an int of 5000 digits, [[[[...
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else _show(exc)
+            problems.append(Problem(str(path), number, "json", f"invalid value: {reason}"))
+            continue
         if not isinstance(item, dict):
             problems.append(Problem(str(path), number, "json", "each line must be a JSON object"))
             continue
         raws.append(_RawRow(item, number))
-    if problems:
-        raise ManifestError(problems)
-    return raws
+    return raws, problems
 
 
-def _csv_rows(path: Path, text: str) -> list[_RawRow]:
+def _csv_rows(path: Path, text: str) -> tuple[list[_RawRow], list[Problem]]:
     source = str(path)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
@@ -548,17 +669,16 @@ def _csv_rows(path: Path, text: str) -> list[_RawRow]:
     if problems:
         raise ManifestError(problems)
     raws: list[_RawRow] = []
-    line = 1
     while True:
+        line = reader.line_num + 1  # where the record starts: a quoted cell may span lines
         try:
             values = next(reader)
         except StopIteration:
             break
         except csv.Error as exc:
-            raise ManifestError(
-                [Problem(source, reader.line_num, "csv", f"syntax error: {exc}")]
-            ) from None
-        line = reader.line_num
+            # The reader cannot resynchronise after this; keep what was found so far.
+            problems.append(Problem(source, line, "csv", f"syntax error in this record: {exc}"))
+            break
         if not any(v.strip() for v in values):
             continue
         if len(values) != len(header):
@@ -574,22 +694,35 @@ def _csv_rows(path: Path, text: str) -> list[_RawRow]:
             elif name.startswith("params."):
                 params[name[7:]] = _csv_scalar(value)
             elif value.strip() != "":
-                fields[name] = int(value) if name == "repeat" and value.strip().isdigit() else value
+                if name != "prompt":  # "a.png, put a hat on" leaves a space before the path
+                    value = value.strip()
+                fields[name] = _csv_int(value) if name == "repeat" else value
         if meta:
             fields["meta"] = meta
         if params:
             fields["params"] = params
         raws.append(_RawRow(fields, line))
-    if problems:
-        raise ManifestError(problems)
-    return raws
+    return raws, problems
+
+
+def _csv_int(value: str) -> int | str:
+    return int(value) if re.fullmatch(r"[0-9]{1,9}", value) else value
 
 
 def _csv_scalar(value: str) -> Any:
     try:
         return json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):
         return value
+
+
+def _valid_model(value: Any) -> bool:
+    # The id becomes part of the submit URL: no "." or ".." segments.
+    return (
+        isinstance(value, str)
+        and re.fullmatch(r"[\w.-]+(/[\w.-]+)*", value) is not None
+        and not any(part.strip(".") == "" for part in value.split("/"))
+    )
 
 
 def load_manifest(
@@ -607,27 +740,33 @@ def load_manifest(
     text = _read_text(path)
     top: dict[str, Any] = {}
     if suffix in (".yaml", ".yml"):
-        top, raws = _yaml_rows(path, text)
+        top, raws, problems = _yaml_rows(path, text)
     elif suffix == ".jsonl":
-        raws = _jsonl_rows(path, text)
+        raws, problems = _jsonl_rows(path, text)
     else:
-        raws = _csv_rows(path, text)
+        raws, problems = _csv_rows(path, text)
 
     lines = top.key_lines if isinstance(top, _Located) else {}
-    problems: list[Problem] = []
     manifest_model = top.get("model", DEFAULT_MODEL)
-    if not isinstance(manifest_model, str) or not re.fullmatch(
-        r"[\w.-]+(/[\w.-]+)*", manifest_model
-    ):
+    if not _valid_model(manifest_model):
         problems.append(
             Problem(str(path), lines.get("model"), "model", "must be a model id like 'owner/name'")
         )
         manifest_model = DEFAULT_MODEL
+    if model is not None and not _valid_model(model):
+        problems.append(
+            Problem(
+                str(path), None, "model", f"--model {model!r} is not a model id like 'owner/name'"
+            )
+        )
+        model = None
     defaults = top.get("defaults") or {}
     if not isinstance(defaults, dict):
         problems.append(Problem(str(path), lines.get("defaults"), "defaults", "must be a mapping"))
         defaults = {}
     dlines = defaults.key_lines if isinstance(defaults, _Located) else {}
+    if isinstance(defaults, _Located):
+        problems += _duplicate_keys(str(path), defaults, "defaults.")
     for name in defaults:
         if name not in DEFAULT_FIELDS:
             problems.append(
@@ -635,13 +774,15 @@ def load_manifest(
                     str(path), dlines.get(name), f"defaults.{name}", _suggest(name, DEFAULT_FIELDS)
                 )
             )
+    # Reported once above; applying them would repeat the problem on every row.
+    defaults = {k: v for k, v in defaults.items() if k in DEFAULT_FIELDS}
     settings = {k: top[k] for k in SETTING_FIELDS if k in top}
     problems += _check_settings(path, settings, lines)
 
     builder = _Builder(path, model or manifest_model, max_image_bytes)
     builder.problems.extend(problems)
     for raw in raws:
-        builder.add(raw, defaults)
+        builder.add(raw, defaults, dlines)
     rows = builder.finish()
     return Manifest(path=path, model=model or manifest_model, rows=rows, settings=settings)
 

@@ -309,7 +309,7 @@ def test_submit_read_timeout_is_retried_and_counted_as_possible_duplicate(
     emulator.script("submit", "slow")  # answers after 5 s, long after the client gave up
 
     async def go():
-        timeouts = Timeouts(submit=0.3, poll=5.0)
+        timeouts = Timeouts(submit=1.0, poll=5.0)
         async with Client(emulator.base_url, API_KEY, timeouts=timeouts) as client:
             manifest = load_manifest(write_manifest(simple_rows(images, 1)))
             options = RunOptions(out_dir=tmp_path / "out", handle_signals=False)
