@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 LEDGER_NAME = "ledger.jsonl"
+SHARD_LEDGER_GLOB = "ledger.shard-*.jsonl"
+DEFAULT_PRICE = 0.024
 UPLOAD_REUSE_SECONDS = 24 * 3600
 
 
@@ -48,6 +50,7 @@ class RowState:
     error: str | None = None
     code: int | str | None = None
     submits: int = 0
+    submitted_at: str | None = None
     last: dict[str, Any] = field(default_factory=dict)
 
 
@@ -60,6 +63,9 @@ class LedgerState:
     finished: list[dict[str, Any]] = field(default_factory=list)
     possible_duplicates: int = 0
     submits: int = 0
+    # spend: each submit at the price its run announced (the default when unknown)
+    price: float = DEFAULT_PRICE
+    spend: float = 0.0
     corrupt_lines: int = 0
     torn_tail: bool = False
 
@@ -76,6 +82,9 @@ def _apply(state: LedgerState, event: dict[str, Any]) -> None:
     row_id = event.get("row")
     if kind == "run":
         state.runs.append(event)
+        price = event.get("price")
+        if isinstance(price, int | float) and price >= 0:
+            state.price = float(price)
         return
     if kind == "finished":
         state.finished.append(event)
@@ -101,7 +110,9 @@ def _apply(state: LedgerState, event: dict[str, Any]) -> None:
         row.seed = event["seed"]
     if kind == "submitted":
         row.submits += 1
+        row.submitted_at = event.get("ts")
         state.submits += 1
+        state.spend += state.price
         dupes = event.get("possible_duplicates", 0)
         if isinstance(dupes, int):
             state.possible_duplicates += dupes
@@ -165,18 +176,36 @@ def read_ledger(path: Path) -> tuple[LedgerState, int]:
     return state, good_end
 
 
+def ledger_name(shard: tuple[int, int] | None) -> str:
+    """``ledger.jsonl``, or ``ledger.shard-K-of-N.jsonl`` for one shard of a cluster job."""
+    return LEDGER_NAME if shard is None else f"ledger.shard-{shard[0]}-of-{shard[1]}.jsonl"
+
+
+def ledger_paths(out_dir: Path) -> list[Path]:
+    """Every ledger of an output folder: the main one first, then shard ledgers."""
+    paths = [out_dir / LEDGER_NAME] if (out_dir / LEDGER_NAME).exists() else []
+    return paths + sorted(out_dir.glob(SHARD_LEDGER_GLOB))
+
+
 def read_ledgers(paths: list[Path]) -> LedgerState:
-    """Merge several ledgers (shards) read-only, in file order."""
+    """Merge several ledgers (shards) read-only, in file order.
+
+    Shards hold disjoint rows, so a row's state comes from the one ledger that has it;
+    a row in several (an unsharded run, then shards) keeps its latest event by time.
+    """
     merged = LedgerState()
     for path in paths:
         state, _ = read_ledger(path)
         for row_id, row in state.rows.items():
-            merged.rows[row_id] = row
+            known = merged.rows.get(row_id)
+            if known is None or str(row.last.get("ts", "")) >= str(known.last.get("ts", "")):
+                merged.rows[row_id] = row
         merged.uploads.update(state.uploads)
         merged.runs += state.runs
         merged.finished += state.finished
         merged.possible_duplicates += state.possible_duplicates
         merged.submits += state.submits
+        merged.spend += state.spend
         merged.corrupt_lines += state.corrupt_lines
         merged.torn_tail = merged.torn_tail or state.torn_tail
     return merged

@@ -289,6 +289,7 @@ class Runner:
             "pid": os.getpid(),
             "concurrency": self.options.concurrency,
             "rate": self.options.rate,
+            "price": self.options.price,
         }
 
     def request_stop(self, reason: str = "SIGINT") -> None:
