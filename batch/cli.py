@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import sys
@@ -19,13 +20,22 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from batch import __version__
-from batch.client import DEFAULT_BASE_URL, Client, check_base_url
+from batch.api import default_out_dir, parse_shard, run_manifest_async
+from batch.client import DEFAULT_BASE_URL, check_base_url
 from batch.errors import BatchError, UsageError
-from batch.ledger import LEDGER_NAME, read_ledger, read_ledgers
-from batch.lock import LOCK_NAME, OutDirLock
-from batch.manifest import Manifest, load_manifest
+from batch.ledger import LEDGER_NAME, ledger_paths, read_ledgers
+from batch.lock import LOCK_NAME
+from batch.manifest import (
+    OUTPUT_FORMATS,
+    SEED_MAX,
+    SEED_MIN,
+    Manifest,
+    load_manifest,
+    manifest_from_args,
+    shard_of,
+)
 from batch.outputs import existing_files
-from batch.runner import Action, Progress, Runner, RunOptions, Summary, plan_row
+from batch.runner import Action, Progress, Summary, plan_row
 
 DEFAULT_PRICE = 0.024
 LOG_INTERVAL = 10.0
@@ -56,6 +66,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of whole numbers") from None
+    if not seeds or not all(SEED_MIN <= s <= SEED_MAX for s in seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be in {SEED_MIN}..{SEED_MAX}")
+    return seeds
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse exits 2 itself; keep our prefix
         self.print_usage(sys.stderr)
@@ -68,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="run or resume a manifest")
-    run.add_argument("manifest", type=Path)
+    run = sub.add_parser("run", help="run or resume a manifest (or --images with --prompt)")
+    run.add_argument("manifest", type=Path, nargs="?")
     _add_plan_options(run)
     run.add_argument("--concurrency", type=_positive_int, help="tasks in flight (default 4)")
     run.add_argument("--rate", type=_positive_float, help="submissions per minute (default: none)")
@@ -83,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--api-key-file", type=Path, help="read the key from this file")
     run.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+    run.add_argument(
+        "--quiet", action="store_true", help="for cron: print only problems and the JSON summary"
+    )
+    run.add_argument("--shard", help="run only shard K/N of the rows (K from 0), or 'auto'")
+    run.add_argument("--shards", type=_positive_int, help="number of shards for --shard auto")
     run.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     run.add_argument(
         "--poll-floor",
@@ -93,8 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     validate = sub.add_parser("validate", help="check a manifest and print the plan; no network")
-    validate.add_argument("manifest", type=Path)
+    validate.add_argument("manifest", type=Path, nargs="?")
     _add_plan_options(validate)
+
+    report = sub.add_parser("report", help="write OUT_DIR/report.html from the ledger")
+    report.add_argument("out_dir", type=Path)
+
+    export = sub.add_parser("export", help="write the completed pairs as a dataset")
+    export.add_argument("out_dir", type=Path)
+    export.add_argument("--format", choices=("parquet", "webdataset"), required=True)
+    export.add_argument("--to", help="a folder or an fsspec URL such as s3://bucket/prefix")
+    export.add_argument("--shard-size", type=_positive_int, default=1000, help="rows per file")
 
     status = sub.add_parser("status", help="state of a run, from its ledger")
     status.add_argument("out_dir", type=Path)
@@ -109,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="output folder (default output/<manifest stem>)")
+    p.add_argument("--images", help="no manifest: a folder or glob of input images")
+    p.add_argument("--prompt", action="append", help="with --images: a prompt (repeatable)")
+    p.add_argument("--seeds", type=_seed_list, help="with --images: seeds, e.g. 1,2,3")
+    p.add_argument("--output-format", choices=OUTPUT_FORMATS, help="with --images (default jpeg)")
     p.add_argument("--model", help="model id (overrides the manifest)")
     p.add_argument("--retry-failed", action="store_true", help="also redo permanent failures")
     p.add_argument("--price", type=_positive_float, help=f"USD per task (default {DEFAULT_PRICE})")
@@ -129,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_validate(args)
         if args.command == "status":
             return _cmd_status(args)
+        if args.command == "report":
+            return _cmd_report(args)
+        if args.command == "export":
+            return _cmd_export(args)
         parser.error(f"unknown command {args.command}")
     except BatchError as exc:
         print(f"wsbatch: error: {exc}", file=sys.stderr)
@@ -159,63 +201,85 @@ def _setting(args: argparse.Namespace, manifest: Manifest, name: str, default: A
     return manifest.settings.get(name, default)
 
 
+def _load(args: argparse.Namespace) -> Manifest:
+    """The manifest file, or the one that --images/--prompt/--seeds stand for."""
+    if args.images is not None:
+        if args.manifest is not None:
+            raise UsageError("give a manifest or --images, not both")
+        if not args.prompt:
+            raise UsageError("--images needs at least one --prompt")
+        return manifest_from_args(
+            args.images,
+            args.prompt,
+            seeds=args.seeds,
+            output_format=args.output_format,
+            model=args.model,
+        )
+    if args.prompt or args.seeds or args.output_format:
+        raise UsageError("--prompt, --seeds and --output-format go with --images")
+    if args.manifest is None:
+        raise UsageError("give a manifest file, or --images with --prompt")
+    return load_manifest(args.manifest, model=args.model)
+
+
 def _out_dir(args: argparse.Namespace, manifest: Manifest) -> Path:
     if args.out is not None:
         return Path(args.out)
-    configured = manifest.settings.get("out")
-    if configured:
-        return (manifest.path.parent / str(configured)).resolve()
-    return Path("output") / manifest.path.stem
+    if args.images is not None:
+        # Same command, same folder: that is what makes a rerun resume.
+        key = json.dumps([args.images, args.prompt, args.seeds, args.output_format, args.model])
+        return Path("output") / f"images-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    return default_out_dir(manifest)
 
 
-def _api_key(args: argparse.Namespace) -> str:
-    if args.api_key_file is not None:
-        try:
-            key: str = args.api_key_file.read_text().strip()
-        except OSError as exc:
-            reason = exc.strerror
-            raise UsageError(f"cannot read --api-key-file {args.api_key_file}: {reason}") from None
-        if not key:
-            raise UsageError(f"--api-key-file {args.api_key_file} is empty")
-        return key
-    key = os.environ.get("WAVESPEED_API_KEY", "").strip()
+def _api_key(args: argparse.Namespace) -> str | None:
+    if args.api_key_file is None:
+        return None  # the API reads WAVESPEED_API_KEY and says what to do if it is unset
+    try:
+        key: str = args.api_key_file.read_text().strip()
+    except OSError as exc:
+        reason = exc.strerror
+        raise UsageError(f"cannot read --api-key-file {args.api_key_file}: {reason}") from None
     if not key:
-        raise UsageError(
-            "no API key: set WAVESPEED_API_KEY (or pass --api-key-file PATH); "
-            "to try wsbatch without an account, run `make demo`"
-        )
+        raise UsageError(f"--api-key-file {args.api_key_file} is empty")
     return key
 
 
 # -- validate ----------------------------------------------------------------
 
 
-def _plan_counts(manifest: Manifest, out_dir: Path, retry_failed: bool) -> dict[str, int]:
-    state, _ = read_ledger(out_dir / LEDGER_NAME)
+def _plan_counts(
+    manifest: Manifest, out_dir: Path, retry_failed: bool, shard: tuple[int, int] | None = None
+) -> tuple[dict[str, int], float]:
+    """What a run would do per row, and what this folder has spent so far."""
+    state = read_ledgers(ledger_paths(out_dir))
     files = existing_files(out_dir)
     counts = {a.value: 0 for a in Action}
     for row in manifest.rows:
+        if shard is not None and shard_of(row.id, shard[1]) != shard[0]:
+            continue
         counts[plan_row(row, state.rows.get(row.id), files, retry_failed).action.value] += 1
-    return counts
+    return counts, state.spend
 
 
-def _plan_line(manifest: Manifest, counts: dict[str, int], price: float) -> str:
-    total = len(manifest.rows)
+def _plan_line(counts: dict[str, int], price: float, spent: float) -> str:
+    total = sum(counts.values())
     cost = counts["submit"] * price
-    return (
+    line = (
         f"{total} rows: {counts['done']} done, {counts['poll']} to poll, "
         f"{counts['submit']} to submit, {counts['failed']} failed"
         f"; estimated cost ${cost:.2f} ({counts['submit']} x ${price:g})"
     )
+    return line + (f"; ${spent:.2f} spent in this folder so far" if spent else "")
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.manifest, model=args.model)
+    manifest = _load(args)
     out_dir = _out_dir(args, manifest)
     price = _setting(args, manifest, "price", DEFAULT_PRICE)
-    counts = _plan_counts(manifest, out_dir, args.retry_failed)
+    counts, spent = _plan_counts(manifest, out_dir, args.retry_failed)
     print(f"{manifest.path}: OK, model {manifest.model}, output to {out_dir}")
-    print(_plan_line(manifest, counts, price))
+    print(_plan_line(counts, price, spent))
     return 0
 
 
@@ -283,47 +347,55 @@ class _ProgressView:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.manifest, model=args.model)
+    manifest = _load(args)
     out_dir = _out_dir(args, manifest)
+    shard = parse_shard(args.shard, args.shards)
+    price = _setting(args, manifest, "price", DEFAULT_PRICE)
+    settings: dict[str, Any] = {
+        "concurrency": _setting(args, manifest, "concurrency", 4),
+        "rate": _setting(args, manifest, "rate", None),
+        "timeout": _setting(args, manifest, "timeout", 600.0),
+        "retries": _setting(args, manifest, "retries", 5),
+        "budget": _setting(args, manifest, "budget", None),
+    }
     base_url = check_base_url(
         args.base_url or os.environ.get("WAVESPEED_BASE_URL") or DEFAULT_BASE_URL
     )
     key = _api_key(args)
-    options = RunOptions(
-        out_dir=out_dir,
-        concurrency=_setting(args, manifest, "concurrency", 4),
-        rate=_setting(args, manifest, "rate", None),
-        timeout=_setting(args, manifest, "timeout", 600.0),
-        retries=_setting(args, manifest, "retries", 5),
-        retry_failed=args.retry_failed,
-        max_tasks=args.max_tasks,
-        budget=_setting(args, manifest, "budget", None),
-        price=_setting(args, manifest, "price", DEFAULT_PRICE),
-        grace=args.grace,
-        poll_floor=args.poll_floor,
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with OutDirLock(out_dir):
-        counts = _plan_counts(manifest, out_dir, args.retry_failed)
-        print(f"wsbatch: {_plan_line(manifest, counts, options.price)}", file=sys.stderr)
-        view = _ProgressView(len(manifest.rows), enabled=not args.no_progress)
-        try:
-            summary = asyncio.run(_run(manifest, base_url, key, options, view))
-        finally:
-            view.close()
-    _print_summary(summary, args.json)
+    quiet = args.quiet
+    if not quiet:
+        counts, spent = _plan_counts(manifest, out_dir, args.retry_failed, shard)
+        label = f" (shard {shard[0]}/{shard[1]})" if shard else ""
+        print(f"wsbatch: {_plan_line(counts, price, spent)}{label}", file=sys.stderr)
+    view = _ProgressView(len(manifest.rows), enabled=not (args.no_progress or quiet))
+    _raise_open_file_limit(settings["concurrency"])
+    try:
+        summary = asyncio.run(
+            run_manifest_async(
+                manifest,
+                out_dir=out_dir,
+                api_key=key,
+                base_url=base_url,
+                retry_failed=args.retry_failed,
+                max_tasks=args.max_tasks,
+                price=price,
+                grace=args.grace,
+                poll_floor=args.poll_floor,
+                shard=shard,
+                progress=view,
+                handle_signals=True,
+                **settings,
+            )
+        )
+    finally:
+        view.close()
+    if args.json:
+        print(json.dumps(summary.as_dict(), sort_keys=True))
+    elif not quiet:
+        _print_summary(summary)
+    elif summary.exit_code != 0:
+        print(_summary_lines(summary)[0], file=sys.stderr)
     return summary.exit_code
-
-
-async def _run(
-    manifest: Manifest, base_url: str, key: str, options: RunOptions, view: _ProgressView
-) -> Summary:
-    _raise_open_file_limit(options.concurrency)
-    # Each worker holds at most one connection at a time; a few spare for keep-alive.
-    connections = options.concurrency + 8
-    async with Client(base_url, key, connections=connections) as client:
-        runner = Runner(manifest, client, options, progress=view)
-        return await runner.run()
 
 
 def _raise_open_file_limit(concurrency: int) -> None:
@@ -338,10 +410,7 @@ def _raise_open_file_limit(concurrency: int) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def _print_summary(summary: Summary, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(summary.as_dict(), sort_keys=True))
-        return
+def _summary_lines(summary: Summary) -> list[str]:
     lines = [
         f"wsbatch: {summary.rows} rows: {summary.completed} completed, {summary.failed} failed, "
         f"{summary.in_flight} in flight, {summary.not_started} not started "
@@ -353,6 +422,8 @@ def _print_summary(summary: Summary, as_json: bool) -> None:
         extras.append(f"{summary.retries} retries")
     if summary.rate_limited:
         extras.append(f"{summary.rate_limited} rate-limited")
+    if summary.reconciled:
+        extras.append(f"{summary.reconciled} lost submit answers recovered")
     if summary.possible_duplicates:
         extras.append(f"{summary.possible_duplicates} possible duplicate submissions")
     if summary.uploads or summary.uploads_reused:
@@ -364,9 +435,15 @@ def _print_summary(summary: Summary, as_json: bool) -> None:
         lines += [f"    {count} x {cause}" for cause, count in summary.failures.items()]
     if summary.stop_reason:
         lines.append(f"  stopped: {summary.stop_reason}")
-    lines.append(f"  spend this run: ${summary.spend_usd:.2f}")
+    lines.append(
+        f"  spend this run: ${summary.spend_usd:.2f} (folder total ${summary.spend_total_usd:.2f})"
+    )
     lines.append(f"  outputs: {summary.out_dir}/")
-    print("\n".join(lines))
+    return lines
+
+
+def _print_summary(summary: Summary) -> None:
+    print("\n".join(_summary_lines(summary)))
 
 
 # -- status ------------------------------------------------------------------
@@ -389,7 +466,7 @@ def _holder(out_dir: Path) -> str | None:
 
 
 def status_of(out_dir: Path) -> dict[str, Any]:
-    ledgers = sorted(out_dir.glob("ledger*.jsonl"))
+    ledgers = ledger_paths(out_dir)
     if not ledgers:
         raise UsageError(f"{out_dir} has no ledger: not a wsbatch output folder")
     state = read_ledgers(ledgers)
@@ -402,7 +479,8 @@ def status_of(out_dir: Path) -> dict[str, Any]:
         else:
             counts["failed"] += 1
     last_run = state.runs[-1] if state.runs else {}
-    total = int(last_run.get("rows", len(state.rows)))
+    total = max([int(r.get("manifest_rows") or r.get("rows") or 0) for r in state.runs] or [0])
+    total = max(total, len(state.rows))
     holder = _holder(out_dir)
     return {
         "out_dir": str(out_dir),
@@ -412,6 +490,8 @@ def status_of(out_dir: Path) -> dict[str, Any]:
         **counts,
         "not_started": max(total - sum(counts.values()), 0),
         "submits": state.submits,
+        "spend_usd": round(state.spend, 4),
+        "shards": len([p for p in ledgers if p.name != LEDGER_NAME]),
         "possible_duplicates": state.possible_duplicates,
         "runs": len(state.runs),
         "manifest": last_run.get("manifest"),
@@ -428,6 +508,28 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(
         f"{info['out_dir']}: {running}; {info['rows']} rows: {info['completed']} completed, "
         f"{info['failed']} failed, {info['in_flight']} in flight, "
-        f"{info['not_started']} not started; {info['submits']} submits over {info['runs']} runs"
+        f"{info['not_started']} not started; {info['submits']} submits over {info['runs']} runs, "
+        f"${info['spend_usd']:.2f} spent"
     )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from batch.report import write_report
+
+    path = write_report(args.out_dir)
+    print(f"wsbatch: report written to {path}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from batch.export import export_dataset, write_metadata
+
+    if not ledger_paths(args.out_dir):
+        raise UsageError(f"{args.out_dir} has no ledger: not a wsbatch output folder")
+    write_metadata(args.out_dir)
+    written = export_dataset(args.out_dir, args.format, to=args.to, shard_size=args.shard_size)
+    print(f"wsbatch: wrote {len(written)} {args.format} file(s):")
+    for name in written:
+        print(f"  {name}")
     return 0

@@ -188,14 +188,20 @@ def ledger_paths(out_dir: Path) -> list[Path]:
 
 
 def read_ledgers(paths: list[Path]) -> LedgerState:
-    """Merge several ledgers (shards) read-only, in file order.
+    """Merge several ledgers (shards) read-only, in file order."""
+    return merge_states([read_ledger(path)[0] for path in paths])
+
+
+def merge_states(states: list[LedgerState]) -> LedgerState:
+    """One view of several ledgers.
 
     Shards hold disjoint rows, so a row's state comes from the one ledger that has it;
     a row in several (an unsharded run, then shards) keeps its latest event by time.
     """
+    if len(states) == 1:
+        return states[0]
     merged = LedgerState()
-    for path in paths:
-        state, _ = read_ledger(path)
+    for state in states:
         for row_id, row in state.rows.items():
             known = merged.rows.get(row_id)
             if known is None or str(row.last.get("ts", "")) >= str(known.last.get("ts", "")):

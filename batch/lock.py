@@ -12,32 +12,53 @@ from batch.errors import LockedError
 LOCK_NAME = ".wsbatch.lock"
 
 
-class OutDirLock:
-    def __init__(self, out_dir: Path, name: str = LOCK_NAME) -> None:
-        self.path = out_dir / name
-        self._fd = -1
+def shard_lock_name(shard: tuple[int, int]) -> str:
+    return f".wsbatch.shard-{shard[0]}-of-{shard[1]}.lock"
 
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise LockedError(
-                f"{self.path.parent} is in use by another wsbatch run (pid {holder}); "
-                "wait for it to finish or stop it first"
-            ) from None
+
+def _take(path: Path, exclusive: bool, what: str) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise LockedError(
+            f"{what} is in use by another wsbatch run (pid {holder}); "
+            "wait for it to finish or stop it first"
+        ) from None
+    if exclusive:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
+    return fd
+
+
+class OutDirLock:
+    """A whole run holds the folder's lock exclusively; a shard run holds it shared
+    (so shards run side by side, never beside a whole run) plus its shard's own lock."""
+
+    def __init__(self, out_dir: Path, shard: tuple[int, int] | None = None) -> None:
+        self.path = out_dir / LOCK_NAME
+        self.shard = shard
+        self._fds: list[int] = []
+
+    def acquire(self) -> None:
+        folder = str(self.path.parent)
+        self._fds.append(_take(self.path, self.shard is None, folder))
+        if self.shard is not None:
+            try:
+                what = f"shard {self.shard[0]}/{self.shard[1]} of {folder}"
+                self._fds.append(_take(self.path.parent / shard_lock_name(self.shard), True, what))
+            except BaseException:
+                self.release()
+                raise
 
     def release(self) -> None:
-        if self._fd >= 0:
-            # The file stays: removing it would race with a run that just opened it.
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = -1
+        # The files stay: removing one would race with a run that just opened it.
+        while self._fds:
+            fd = self._fds.pop()
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def __enter__(self) -> OutDirLock:
         self.acquire()

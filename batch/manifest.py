@@ -141,6 +141,11 @@ _LineLoader.add_constructor(
 )
 
 
+def shard_of(row_id: str, count: int) -> int:
+    """The shard (0..count-1) a row belongs to: a stable hash of its id."""
+    return int.from_bytes(hashlib.sha256(row_id.encode()).digest()[:8], "big") % count
+
+
 def sniff_image(head: bytes) -> str | None:
     """Name the image format from its first bytes, or None if it is not one."""
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -803,3 +808,37 @@ def _check_settings(path: Path, settings: dict[str, Any], lines: dict[str, int])
         if not ok:
             problems.append(Problem(str(path), lines.get(name), name, f"invalid value {value!r}"))
     return problems
+
+
+def manifest_from_args(
+    images: str,
+    prompts: list[str],
+    *,
+    seeds: list[int] | None = None,
+    output_format: str | None = None,
+    model: str | None = None,
+    base: Path | None = None,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+) -> Manifest:
+    """The manifest that ``wsbatch run --images ... --prompt ...`` stands for.
+
+    It expands exactly like a manifest row with ``images:``/``prompts:``/``seeds:``,
+    so the same command run again derives the same ids and resumes.
+    """
+    base = (base or Path.cwd()).resolve()
+    source = base / "command-line"
+    fields: dict[str, Any] = {"images": images, "prompts": list(prompts)}
+    if seeds:
+        fields["seeds"] = list(seeds)
+    if output_format:
+        fields["output_format"] = output_format
+    chosen = model or DEFAULT_MODEL
+    problems = []
+    if not _valid_model(chosen):
+        problems.append(Problem("--model", None, "model", f"{chosen!r} is not a model id"))
+        chosen = DEFAULT_MODEL
+    builder = _Builder(source, chosen, max_image_bytes)
+    builder.source = "command line"
+    builder.problems.extend(problems)
+    builder.add(_RawRow(fields, None), {})
+    return Manifest(path=source, model=chosen, rows=builder.finish(), settings={})

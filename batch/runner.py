@@ -32,10 +32,12 @@ from batch.ledger import (
     LedgerWriter,
     RowState,
     cut_torn_tail,
+    ledger_paths,
+    merge_states,
     read_ledger,
 )
 from batch.limits import SubmitLimiter
-from batch.manifest import SEED_MAX, Manifest, Row
+from batch.manifest import SEED_MAX, Manifest, Row, shard_of
 from batch.outputs import existing_files, output_names, remove_temp_files, write_atomic
 from batch.polling import PollSchedule
 from batch.retry import Backoff
@@ -96,6 +98,7 @@ class RunOptions:
     grace: float = 60.0
     poll_floor: float = 0.5
     handle_signals: bool = True
+    shard: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -122,6 +125,7 @@ class Summary:
     in_flight: int
     already_done: int
     submitted: int
+    spend_total_usd: float
     possible_duplicates: int
     reconciled: int
     retries: int
@@ -173,6 +177,12 @@ class Runner:
         ledger_name: str = LEDGER_NAME,
     ) -> None:
         self.manifest = manifest
+        shard = options.shard
+        self.rows = (
+            manifest.rows
+            if shard is None
+            else tuple(r for r in manifest.rows if shard_of(r.id, shard[1]) == shard[0])
+        )
         self.client = client
         self.options = options
         self.out_dir = options.out_dir
@@ -185,7 +195,10 @@ class Runner:
         self.counters = _RunCounters()
         self.ledger: LedgerWriter | None = None
         self.state = LedgerState()
-        self.progress = Progress(total=len(manifest.rows))
+        self.progress = Progress(total=len(self.rows))
+        self._prior_spend = 0.0
+        # submits sent or answered this run, including lost answers that may have billed
+        self._committed = 0
         self._final: dict[str, str] = {}
         self._stopping = False
         self._stop_reason: str | None = None
@@ -204,13 +217,17 @@ class Runner:
     # -- planning ------------------------------------------------------------
 
     def load_state(self) -> LedgerState:
-        self.state, good_end = read_ledger(self.ledger_path)
+        """Read every ledger of OUT_DIR once; cut a torn tail off our own before appending."""
+        own, good_end = read_ledger(self.ledger_path)
         cut_torn_tail(self.ledger_path, good_end)
+        others = [p for p in ledger_paths(self.out_dir) if p != self.ledger_path]
+        self.state = merge_states([read_ledger(p)[0] for p in others] + [own])
+        self._prior_spend = self.state.spend
         return self.state
 
     def plans(self) -> Iterator[tuple[Row, Plan]]:
         files = existing_files(self.out_dir)
-        for row in self.manifest.rows:
+        for row in self.rows:
             yield row, plan_row(row, self.state.rows.get(row.id), files, self.options.retry_failed)
 
     def _work(self, plans: list[tuple[Row, Plan]]) -> Iterator[tuple[Row, Plan]]:
@@ -285,7 +302,11 @@ class Runner:
             "model": self.manifest.model,
             "base_url": self.client.base_url,
             "version": __version__,
-            "rows": len(self.manifest.rows),
+            "rows": len(self.rows),
+            "manifest_rows": len(self.manifest.rows),
+            "shard": f"{self.options.shard[0]}/{self.options.shard[1]}"
+            if self.options.shard
+            else None,
             "pid": os.getpid(),
             "concurrency": self.options.concurrency,
             "rate": self.options.rate,
@@ -465,12 +486,15 @@ class Runner:
             self._check_may_submit()
             # From here the request may reach the server: a stop must wait for its answer.
             self._interruptible.discard(task)
+            self._committed += 1  # counted before sending, so parallel workers cannot overshoot
             sent_at = time.time()
             try:
                 pid = await self.client.submit(row.model, payload)
                 self.limiter.on_success()
                 return pid, unknown
             except ApiError as exc:
+                if not exc.outcome_unknown:
+                    self._committed -= 1  # refused: nothing was created, nothing billed
                 if exc.status == 429:
                     # Nothing was created; the limiter holds back the whole pool.
                     self.limiter.on_rate_limited(exc.retry_after)
@@ -497,14 +521,16 @@ class Runner:
         if self._stopping:
             raise _Stopped
         opts = self.options
-        if opts.max_tasks is not None and self.counters.submitted >= opts.max_tasks:
+        if opts.max_tasks is not None and self._committed >= opts.max_tasks:
             self._stop_submitting(f"--max-tasks {opts.max_tasks} reached")
             raise _Stopped
-        if (
-            opts.budget is not None
-            and (self.counters.submitted + 1) * opts.price > opts.budget + 1e-9
-        ):
-            self._stop_submitting(f"--budget ${opts.budget:.2f} reached")
+        committed = self._prior_spend + (self._committed + 1) * opts.price
+        if opts.budget is not None and committed > opts.budget + 1e-9:
+            spent = self._prior_spend + self._committed * opts.price
+            self._stop_submitting(
+                f"budget ${opts.budget:.2f} reached (${spent:.2f} committed in this folder; "
+                f"one more task costs ${opts.price:g})"
+            )
             raise _Stopped
 
     async def _image_url(self, row: Row, deadline: float) -> str:
@@ -716,7 +742,7 @@ class Runner:
     # -- the end -------------------------------------------------------------
 
     def summary(self) -> Summary:
-        rows = self.manifest.rows
+        rows = self.rows
         completed = sum(1 for r in rows if self._final.get(r.id) == "completed")
         failed = sum(1 for r in rows if self._final.get(r.id) == "failed")
         # Rows with a live prediction that this run did not finish: the next run polls them.
@@ -751,6 +777,9 @@ class Runner:
             polls=self.client.stats.polls,
             elapsed_s=round(time.monotonic() - self._started, 3),
             spend_usd=round(self.counters.submitted * self.options.price, 4),
+            spend_total_usd=round(
+                self._prior_spend + self.counters.submitted * self.options.price, 4
+            ),
             failures=dict(self.counters.failures.most_common()),
             stopped_by=self._stopped_by,
             stop_reason=self._stop_reason,

@@ -1,0 +1,215 @@
+"""The Python API, for notebooks and scripts; the CLI is a thin layer over it.
+
+    from batch import load_manifest, run_manifest, Ledger
+
+    summary = run_manifest("manifests/example.yaml", out_dir="output/example")
+    print(summary.completed, Ledger("output/example").completed())
+
+``run_manifest`` blocks; ``run_manifest_async`` is the same for a running event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import re
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from batch.client import DEFAULT_BASE_URL, Client, check_base_url
+from batch.errors import UsageError
+from batch.ledger import LedgerState, RowState, ledger_name, ledger_paths, read_ledgers
+from batch.lock import OutDirLock
+from batch.manifest import Manifest, load_manifest, shard_of
+from batch.runner import ProgressCallback, Runner, RunOptions, Summary
+
+P = ParamSpec("P")
+T = TypeVar("T")
+SHARD_INDEX_VARIABLES = ("JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX")
+
+__all__ = [
+    "Ledger",
+    "Manifest",
+    "Summary",
+    "load_manifest",
+    "parse_shard",
+    "run_manifest",
+    "run_manifest_async",
+    "shard_of",
+]
+
+
+def parse_shard(
+    value: str | None, shards: int | None = None, env: Mapping[str, str] | None = None
+) -> tuple[int, int] | None:
+    """``K/N`` (K from 0), or ``auto``: the array index its scheduler gave this process.
+
+    ``auto`` reads Kubernetes Indexed Jobs (JOB_COMPLETION_INDEX), AWS Batch array jobs
+    (AWS_BATCH_JOB_ARRAY_INDEX) or Slurm job arrays (SLURM_ARRAY_TASK_ID, counted from
+    SLURM_ARRAY_TASK_MIN); the count comes from ``shards`` or SLURM_ARRAY_TASK_COUNT.
+    """
+    if value is None:
+        if shards is not None:
+            raise UsageError("--shards goes with --shard auto")
+        return None
+    env = os.environ if env is None else env
+    if value == "auto":
+        index: int | None = None
+        for name in SHARD_INDEX_VARIABLES:
+            if env.get(name, "").strip().isdigit():
+                index = int(env[name])
+                break
+        if index is None and env.get("SLURM_ARRAY_TASK_ID", "").strip().isdigit():
+            index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN") or 0)
+            if shards is None and env.get("SLURM_ARRAY_TASK_COUNT", "").isdigit():
+                shards = int(env["SLURM_ARRAY_TASK_COUNT"])
+        if index is None:
+            raise UsageError(
+                "--shard auto found no array index (JOB_COMPLETION_INDEX, "
+                "AWS_BATCH_JOB_ARRAY_INDEX or SLURM_ARRAY_TASK_ID)"
+            )
+        if shards is None:
+            raise UsageError("--shard auto needs the number of shards: --shards N")
+        count = shards
+    else:
+        match = re.fullmatch(r"(\d+)/(\d+)", value.strip())
+        if not match:
+            raise UsageError(f"--shard {value!r}: use K/N (K from 0 to N-1) or auto")
+        index, count = int(match[1]), int(match[2])
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"shard {index} of {count} does not exist (K runs from 0 to N-1)")
+    return index, count
+
+
+class Ledger:
+    """A read-only view of an output folder's ledgers (all shards merged)."""
+
+    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+        self.out_dir = Path(out_dir)
+        self.paths = ledger_paths(self.out_dir)
+        self.state: LedgerState = read_ledgers(self.paths)
+
+    @property
+    def rows(self) -> dict[str, RowState]:
+        return self.state.rows
+
+    def completed(self) -> list[str]:
+        return sorted(r for r, s in self.rows.items() if s.event == "completed")
+
+    def failed(self) -> list[str]:
+        return sorted(r for r, s in self.rows.items() if s.event == "failed")
+
+    def in_flight(self) -> list[str]:
+        return sorted(r for r, s in self.rows.items() if s.event == "submitted")
+
+    @property
+    def spend(self) -> float:
+        return self.state.spend
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    value: str
+
+    def __repr__(self) -> str:  # never show the key, even in a traceback's locals
+        return "_Key(***)"
+
+
+def _resolve_key(api_key: str | None) -> _Key:
+    key = (api_key or os.environ.get("WAVESPEED_API_KEY", "")).strip()
+    if not key:
+        raise UsageError(
+            "no API key: set WAVESPEED_API_KEY (or pass --api-key-file PATH); "
+            "to try wsbatch without an account, run `make demo`"
+        )
+    return _Key(key)
+
+
+def default_out_dir(manifest: Manifest) -> Path:
+    configured = manifest.settings.get("out")
+    if configured:
+        return (manifest.path.parent / str(configured)).resolve()
+    return Path("output") / manifest.path.stem
+
+
+async def run_manifest_async(
+    manifest: Manifest | str | os.PathLike[str],
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    api_key: str | None = None,
+    base_url: str | None = None,
+    concurrency: int = 4,
+    rate: float | None = None,
+    timeout: float = 600.0,
+    retries: int = 5,
+    retry_failed: bool = False,
+    max_tasks: int | None = None,
+    budget: float | None = None,
+    price: float = 0.024,
+    grace: float = 60.0,
+    poll_floor: float = 0.5,
+    shard: tuple[int, int] | None = None,
+    progress: ProgressCallback | None = None,
+    handle_signals: bool = False,
+) -> Summary:
+    """Run (or resume) a manifest into ``out_dir`` and return the summary.
+
+    Takes the output folder's lock (raises ``LockedError`` if another run holds it),
+    and rewrites ``metadata.jsonl`` from the ledger when done. The key defaults to
+    ``WAVESPEED_API_KEY``; the base URL to ``WAVESPEED_BASE_URL`` or the vendor's.
+    """
+    if not isinstance(manifest, Manifest):
+        manifest = load_manifest(manifest)
+    url = check_base_url(base_url or os.environ.get("WAVESPEED_BASE_URL") or DEFAULT_BASE_URL)
+    key = _resolve_key(api_key)
+    target = Path(out_dir) if out_dir is not None else default_out_dir(manifest)
+    options = RunOptions(
+        out_dir=target,
+        concurrency=concurrency,
+        rate=rate,
+        timeout=timeout,
+        retries=retries,
+        retry_failed=retry_failed,
+        max_tasks=max_tasks,
+        budget=budget,
+        price=price,
+        grace=grace,
+        poll_floor=poll_floor,
+        handle_signals=handle_signals,
+        shard=shard,
+    )
+    target.mkdir(parents=True, exist_ok=True)
+    with OutDirLock(target, shard=shard):
+        # Each worker holds one connection at a time; a few spare for keep-alive.
+        async with Client(url, key.value, connections=concurrency + 8) as client:
+            runner = Runner(
+                manifest, client, options, progress=progress, ledger_name=ledger_name(shard)
+            )
+            summary = await runner.run()
+        _refresh_metadata(target)
+    return summary
+
+
+def _refresh_metadata(out_dir: Path) -> None:
+    try:  # TEMP until export lands
+        from batch.export import write_metadata
+    except ModuleNotFoundError:
+        return
+    write_metadata(out_dir)
+
+
+def _blocking(
+    function: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, T]:
+    @functools.wraps(function)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        return asyncio.run(function(*args, **kwargs))
+
+    return wrapper
+
+
+run_manifest = _blocking(run_manifest_async)
+run_manifest.__doc__ = "Blocking form of run_manifest_async: same arguments, same summary."
