@@ -320,7 +320,7 @@ class Runner:
             return
         self._stopping = True
         self._stopped_by = reason
-        self._stop_reason = f"stopped by {reason}"
+        self._stop_reason = f"{reason} received"
         self.progress.stopping = True
         for task in list(self._interruptible):
             task.cancel()  # waiting to upload or for a submit slot: nothing to lose
