@@ -472,12 +472,7 @@ def status_of(out_dir: Path) -> dict[str, Any]:
     state = read_ledgers(ledgers)
     counts = {"completed": 0, "failed": 0, "in_flight": 0}
     for row in state.rows.values():
-        if row.event == "completed":
-            counts["completed"] += 1
-        elif row.event == "submitted" or (row.retryable and row.prediction_id):
-            counts["in_flight"] += 1
-        else:
-            counts["failed"] += 1
+        counts[row.status.replace(" ", "_")] += 1
     last_run = state.runs[-1] if state.runs else {}
     total = max([int(r.get("manifest_rows") or r.get("rows") or 0) for r in state.runs] or [0])
     total = max(total, len(state.rows))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 LEDGER_NAME = "ledger.jsonl"
+TERMINAL_FAILURES = frozenset({"failed", "cancelled", "canceled", "timeout"})
 SHARD_LEDGER_GLOB = "ledger.shard-*.jsonl"
 DEFAULT_PRICE = 0.024
 UPLOAD_REUSE_SECONDS = 24 * 3600
@@ -52,6 +53,25 @@ class RowState:
     submits: int = 0
     submitted_at: str | None = None
     last: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def awaits_poll(self) -> bool:
+        """A live prediction the next run will poll (submitted, or failed before its end)."""
+        if self.event == "submitted":
+            return True
+        return (
+            self.event == "failed"
+            and bool(self.retryable)
+            and self.prediction_id is not None
+            and self.task_status not in TERMINAL_FAILURES
+        )
+
+    @property
+    def status(self) -> str:
+        """``completed``, ``failed`` or ``in flight``: what status and the report show."""
+        if self.event == "completed":
+            return "completed"
+        return "in flight" if self.awaits_poll else "failed"
 
 
 @dataclass(slots=True)
@@ -108,14 +128,14 @@ def _apply(state: LedgerState, event: dict[str, Any]) -> None:
         row.prediction_id = event["prediction_id"]
     if isinstance(event.get("seed"), int):
         row.seed = event["seed"]
+    dupes = event.get("possible_duplicates", 0)
+    if isinstance(dupes, int) and not isinstance(dupes, bool):
+        state.possible_duplicates += dupes
     if kind == "submitted":
         row.submits += 1
         row.submitted_at = event.get("ts")
         state.submits += 1
         state.spend += state.price
-        dupes = event.get("possible_duplicates", 0)
-        if isinstance(dupes, int):
-            state.possible_duplicates += dupes
         row.task_status = None
         row.error = row.code = row.retryable = None
     elif kind == "completed":

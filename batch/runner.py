@@ -42,7 +42,6 @@ from batch.outputs import existing_files, output_names, remove_temp_files, write
 from batch.polling import PollSchedule
 from batch.retry import Backoff
 
-TERMINAL_FAILURES = frozenset({"failed", "cancelled", "canceled", "timeout"})
 UPLOAD_EXPIRED_CODE = 1402
 
 
@@ -75,9 +74,9 @@ def plan_row(row: Row, state: RowState | None, files: set[str], retry_failed: bo
         return Plan(Action.POLL, pid, seed) if pid else Plan(Action.SUBMIT, None, seed)
     if state.event == "submitted":
         return Plan(Action.POLL, pid, seed) if pid else Plan(Action.SUBMIT, None, seed)
+    if state.awaits_poll:
+        return Plan(Action.POLL, pid, seed)
     if state.retryable:
-        if pid and state.task_status not in TERMINAL_FAILURES:
-            return Plan(Action.POLL, pid, seed)
         return Plan(Action.SUBMIT, None, seed)
     if retry_failed:
         return Plan(Action.SUBMIT, None, seed)
@@ -199,6 +198,7 @@ class Runner:
         self._prior_spend = 0.0
         # submits sent or answered this run, including lost answers that may have billed
         self._committed = 0
+        self._unknown_by_row: dict[str, int] = {}
         self._final: dict[str, str] = {}
         self._stopping = False
         self._stop_reason: str | None = None
@@ -512,6 +512,7 @@ class Runner:
                 if not exc.retryable or failures > self.options.retries:
                     if unknown:
                         self.counters.possible_duplicates += unknown
+                        self._unknown_by_row[row.id] = unknown
                     raise
                 self.counters.retries += 1
                 self._interruptible.add(task)
@@ -709,8 +710,12 @@ class Runner:
             message = exc.message
         else:
             message = str(exc)
+        event: dict[str, Any] = {}
+        if row.id in self._unknown_by_row:
+            event["possible_duplicates"] = self._unknown_by_row.pop(row.id)
         await self.ledger.write(
             {
+                **event,
                 "event": "failed",
                 "row": row.id,
                 "prediction_id": pid,
@@ -720,6 +725,10 @@ class Runner:
                 "task_status": task_status,
                 "seed": seed,
                 "fingerprint": row.fingerprint,
+                "model": row.model,
+                "prompt": row.prompt,
+                "image": row.image,
+                "image_path": str(row.image_path) if row.image_path is not None else None,
                 "attempt": self._attempts[row.id]
                 + (self.state.rows[row.id].submits if row.id in self.state.rows else 0),
             }

@@ -22,6 +22,6 @@ status=0
     --concurrency 4 || status=$?
 echo
 echo "outputs in output/example/:"
-ls output/example | grep -v '^ledger' | sed 's/^/  /'
+ls output/example | grep -E '\.(png|jpg|webp)$' | sed 's/^/  /'
 echo "ledger: output/example/ledger.jsonl (run 'make demo' again to see it resume)"
 exit "$status"
