@@ -23,5 +23,6 @@ status=0
 echo
 echo "outputs in output/example/:"
 ls output/example | grep -E '\.(png|jpg|webp)$' | sed 's/^/  /'
+"$BIN/wsbatch" report output/example | sed 's/^wsbatch: //'
 echo "ledger: output/example/ledger.jsonl (run 'make demo' again to see it resume)"
 exit "$status"
