@@ -194,10 +194,8 @@ async def run_manifest_async(
 
 
 def _refresh_metadata(out_dir: Path) -> None:
-    try:  # TEMP until export lands
-        from batch.export import write_metadata
-    except ModuleNotFoundError:
-        return
+    from batch.export import write_metadata
+
     write_metadata(out_dir)
 
 

@@ -536,9 +536,19 @@ class _Builder:
         return row_id
 
     def finish(self) -> tuple[Row, ...]:
+        all_ids = set(self._explicit_ids) | self._derived_ids
         for row_id, line in self._explicit_ids.items():
             if row_id in self._derived_ids:
                 self.problem(line, "id", f"'{row_id}' collides with a derived id")
+            # A task that returns several images writes <id>-1, <id>-2, ...
+            stem, dash, number = row_id.rpartition("-")
+            if dash and number.isdigit() and stem in all_ids:
+                self.problem(
+                    line,
+                    "id",
+                    f"'{row_id}' could collide with output {number} of row '{stem}'; "
+                    "pick another id",
+                )
         if self.problems:
             # In file order, as a compiler lists them; problems without a line first.
             raise ManifestError(sorted(self.problems, key=lambda p: p.line or 0))

@@ -526,3 +526,15 @@ def test_mutated_manifests_never_crash(
             load_manifest(target)
         except ManifestError as exc:
             assert exc.problems and all(p.source == str(target) for p in exc.problems)
+
+
+def test_id_that_could_collide_with_numbered_outputs_is_refused(tmp_path, images):
+    """An explicit id like `x-2` next to a row `x` is refused: x's second output is x-2."""
+    path = tmp_path / "clash.yaml"
+    path.write_text(
+        "- {id: x, image: images/a.png, prompt: p}\n- {id: x-2, image: images/a.png, prompt: q}\n"
+    )
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    assert "output 2 of row 'x'" in str(info.value)
+    assert info.value.problems[0].line == 2
