@@ -26,7 +26,7 @@ import aiohttp
 
 from batch import __version__
 from batch.errors import ApiError, AuthError, OutputError, PredictionGone, TaskFailed, UsageError
-from batch.manifest import sniff_image
+from batch.images import sniff_image
 from batch.retry import parse_retry_after
 
 DEFAULT_BASE_URL = "https://api.wavespeed.ai"

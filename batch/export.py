@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from batch.errors import BatchError, UsageError
+from batch.images import extension, sniff_image
 from batch.ledger import ledger_paths, read_ledgers
 
 log = logging.getLogger("wsbatch.export")
@@ -326,15 +327,7 @@ def write_metadata(out_dir: Path) -> Path:
         record: dict[str, Any] = {
             "file_name": pair.file_name,
             "row": pair.row,
-            "original_image": _original_reference(pair, out_dir),
-            "edit_prompt": pair.prompt,
-            "seed": pair.seed,
-            "model": pair.model,
-            "prediction_id": pair.prediction_id,
-            "inference_ms": pair.inference_ms,
-            "nsfw": pair.nsfw,
-            "sha256": pair.sha256,
-            **_meta_fields(pair, columns),
+            **_described(pair, _original_reference(pair, out_dir), columns),
         }
         lines.append(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
     dest = out_dir / METADATA_NAME
@@ -388,25 +381,10 @@ def _import_pyarrow() -> tuple[Any, Any]:
     return pa, pq
 
 
-def _sniff_ext(head: bytes) -> str | None:
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpg"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if head[:2] == b"BM":
-        return "bmp"
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
-        return "tiff"
-    return None
-
-
 def _ext(name: str, data: bytes | None) -> str:
     """A file extension for a sample member: the bytes say it best, the name otherwise."""
-    found = _sniff_ext(data[:16]) if data else None
+    sniffed = sniff_image(data[:16]) if data else None
+    found = extension(sniffed) if sniffed else None
     if found is None:
         found = Path(name).suffix.lower().lstrip(".") or "bin"
         found = {"jpeg": "jpg", "tif": "tiff"}.get(found, found)
@@ -666,12 +644,10 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _sample_json(pair: _Pair, columns: Sequence[_MetaColumn]) -> bytes:
-    record: dict[str, Any] = {
-        "row": pair.row,
-        "output_index": pair.index,
-        "file_name": pair.file_name,
-        "original_image": _original_path(pair),
+def _described(pair: _Pair, original: str | None, columns: Sequence[_MetaColumn]) -> dict[str, Any]:
+    """The fields metadata.jsonl and a WebDataset sample share, in the SPEC's order."""
+    return {
+        "original_image": original,
         "edit_prompt": pair.prompt,
         "seed": pair.seed,
         "model": pair.model,
@@ -680,6 +656,15 @@ def _sample_json(pair: _Pair, columns: Sequence[_MetaColumn]) -> bytes:
         "nsfw": pair.nsfw,
         "sha256": pair.sha256,
         **_meta_fields(pair, columns),
+    }
+
+
+def _sample_json(pair: _Pair, columns: Sequence[_MetaColumn]) -> bytes:
+    record: dict[str, Any] = {
+        "row": pair.row,
+        "output_index": pair.index,
+        "file_name": pair.file_name,
+        **_described(pair, _original_path(pair), columns),
     }
     return json.dumps(record, ensure_ascii=False, allow_nan=False).encode("utf-8")
 

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from batch.errors import ManifestError, Problem
+from batch.images import sniff_image
 
 DEFAULT_MODEL = "wavespeed-ai/hidream-e1-full"
 OUTPUT_FORMATS = ("jpeg", "png", "webp")
@@ -144,23 +145,6 @@ _LineLoader.add_constructor(
 def shard_of(row_id: str, count: int) -> int:
     """The shard (0..count-1) a row belongs to: a stable hash of its id."""
     return int.from_bytes(hashlib.sha256(row_id.encode()).digest()[:8], "big") % count
-
-
-def sniff_image(head: bytes) -> str | None:
-    """Name the image format from its first bytes, or None if it is not one."""
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if head[:2] == b"BM":
-        return "bmp"
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
-        return "tiff"
-    return None
 
 
 def _request_hash(model: str, image: str, prompt: str, seed: int, fmt: str, params: Any) -> str:

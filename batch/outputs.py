@@ -9,13 +9,14 @@ from pathlib import Path
 
 import aiofiles.os
 
+from batch.images import extension
+
 TEMP_PREFIX = ".wsbatch-"
 TEMP_SUFFIX = ".part"
-EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
 
 def output_names(row_id: str, output_format: str, count: int) -> list[str]:
-    ext = EXTENSIONS.get(output_format, output_format)
+    ext = extension(output_format)
     if count == 1:
         return [f"{row_id}.{ext}"]
     return [f"{row_id}-{n}.{ext}" for n in range(1, count + 1)]

@@ -653,12 +653,7 @@ class Runner:
             "nsfw": list(prediction.nsfw),
             "inference_ms": prediction.inference_ms,
             "seed": seed,
-            "fingerprint": row.fingerprint,
-            # What the dataset files and the report need, so they can read the ledger alone.
-            "model": row.model,
-            "prompt": row.prompt,
-            "image": row.image,
-            "image_path": str(row.image_path) if row.image_path is not None else None,
+            **_request_fields(row),
         }
         if row.meta:
             event["meta"] = dict(row.meta)
@@ -724,11 +719,7 @@ class Runner:
                 "retryable": retryable,
                 "task_status": task_status,
                 "seed": seed,
-                "fingerprint": row.fingerprint,
-                "model": row.model,
-                "prompt": row.prompt,
-                "image": row.image,
-                "image_path": str(row.image_path) if row.image_path is not None else None,
+                **_request_fields(row),
                 "attempt": self._attempts[row.id]
                 + (self.state.rows[row.id].submits if row.id in self.state.rows else 0),
             }
@@ -794,6 +785,18 @@ class Runner:
             stop_reason=self._stop_reason,
             exit_code=exit_code,
         )
+
+
+def _request_fields(row: Row) -> dict[str, Any]:
+    """What the report and the dataset files need to know of a row's request,
+    so that they can read the ledger alone."""
+    return {
+        "fingerprint": row.fingerprint,
+        "model": row.model,
+        "prompt": row.prompt,
+        "image": row.image,
+        "image_path": str(row.image_path) if row.image_path is not None else None,
+    }
 
 
 def _read_and_hash(path: Path) -> tuple[str, bytes]:
