@@ -1,0 +1,1 @@
+"""Benchmarks: wsbatch against the vendor's SDK, and at scale (``make bench``)."""
