@@ -24,7 +24,7 @@ from batch.errors import UsageError
 from batch.ledger import LedgerState, RowState, ledger_name, ledger_paths, read_ledgers
 from batch.lock import OutDirLock
 from batch.manifest import Manifest, load_manifest, shard_of
-from batch.runner import ProgressCallback, Runner, RunOptions, Summary
+from batch.runner import PlanCallback, ProgressCallback, Runner, RunOptions, Summary
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -153,6 +153,7 @@ async def run_manifest_async(
     poll_floor: float = 0.5,
     shard: tuple[int, int] | None = None,
     progress: ProgressCallback | None = None,
+    on_plan: PlanCallback | None = None,
     handle_signals: bool = False,
 ) -> Summary:
     """Run (or resume) a manifest into ``out_dir`` and return the summary.
@@ -186,11 +187,21 @@ async def run_manifest_async(
         # Each worker holds one connection at a time; a few spare for keep-alive.
         async with Client(url, key.value, connections=concurrency + 8) as client:
             runner = Runner(
-                manifest, client, options, progress=progress, ledger_name=ledger_name(shard)
+                manifest,
+                client,
+                options,
+                progress=progress,
+                on_plan=on_plan,
+                ledger_name=ledger_name(shard),
             )
             summary = await runner.run()
-        _refresh_metadata(target)
+        # The ledger is the truth; metadata.jsonl only changes when rows completed.
+        if summary.completed > summary.already_done or not (target / METADATA_NAME).exists():
+            _refresh_metadata(target)
     return summary
+
+
+METADATA_NAME = "metadata.jsonl"
 
 
 def _refresh_metadata(out_dir: Path) -> None:

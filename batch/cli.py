@@ -32,7 +32,6 @@ from batch.manifest import (
     Manifest,
     load_manifest,
     manifest_from_args,
-    shard_of,
 )
 from batch.outputs import existing_files
 from batch.runner import Action, Progress, Summary, plan_row
@@ -249,15 +248,13 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 
 def _plan_counts(
-    manifest: Manifest, out_dir: Path, retry_failed: bool, shard: tuple[int, int] | None = None
+    manifest: Manifest, out_dir: Path, retry_failed: bool
 ) -> tuple[dict[str, int], float]:
     """What a run would do per row, and what this folder has spent so far."""
-    state = read_ledgers(ledger_paths(out_dir))
+    state = read_ledgers(ledger_paths(out_dir), keep_last=False)
     files = existing_files(out_dir)
     counts = {a.value: 0 for a in Action}
     for row in manifest.rows:
-        if shard is not None and shard_of(row.id, shard[1]) != shard[0]:
-            continue
         counts[plan_row(row, state.rows.get(row.id), files, retry_failed).action.value] += 1
     return counts, state.spend
 
@@ -363,12 +360,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     key = _api_key(args)
     quiet = args.quiet
-    if not quiet:
-        counts, spent = _plan_counts(manifest, out_dir, args.retry_failed, shard)
-        label = f" (shard {shard[0]}/{shard[1]})" if shard else ""
-        print(f"wsbatch: {_plan_line(counts, price, spent)}{label}", file=sys.stderr)
+    label = f" (shard {shard[0]}/{shard[1]})" if shard else ""
+
+    def show_plan(counts: dict[str, int], spent: float) -> None:
+        if not quiet:
+            print(f"wsbatch: {_plan_line(counts, price, spent)}{label}", file=sys.stderr)
+
     view = _ProgressView(len(manifest.rows), enabled=not (args.no_progress or quiet))
-    _raise_open_file_limit(settings["concurrency"])
+    settings["concurrency"] = _fit_open_file_limit(settings["concurrency"])
     try:
         summary = asyncio.run(
             run_manifest_async(
@@ -383,6 +382,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 poll_floor=args.poll_floor,
                 shard=shard,
                 progress=view,
+                on_plan=show_plan,
                 handle_signals=True,
                 **settings,
             )
@@ -398,8 +398,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
-def _raise_open_file_limit(concurrency: int) -> None:
-    """Let --concurrency 1000 open its sockets: lift the soft fd limit toward the hard one."""
+def _fit_open_file_limit(concurrency: int) -> int:
+    """Lift the soft fd limit toward the hard one for large pools, and clamp the pool
+    to what fits: running out of descriptors mid-run would fail rows already paid for."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -408,6 +409,16 @@ def _raise_open_file_limit(concurrency: int) -> None:
         target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return concurrency
+    fits = max(1, (soft - 64) // 2)
+    print(
+        f"wsbatch: warning: the open-file limit ({soft}) fits --concurrency {fits}, "
+        f"not {concurrency}; raise it with `ulimit -n` for more",
+        file=sys.stderr,
+    )
+    return fits
 
 
 def _summary_lines(summary: Summary) -> list[str]:
@@ -469,7 +480,7 @@ def status_of(out_dir: Path) -> dict[str, Any]:
     ledgers = ledger_paths(out_dir)
     if not ledgers:
         raise UsageError(f"{out_dir} has no ledger: not a wsbatch output folder")
-    state = read_ledgers(ledgers)
+    state = read_ledgers(ledgers, keep_last=False)
     counts = {"completed": 0, "failed": 0, "in_flight": 0}
     for row in state.rows.values():
         counts[row.status.replace(" ", "_")] += 1

@@ -52,6 +52,8 @@ class RowState:
     code: int | str | None = None
     submits: int = 0
     submitted_at: str | None = None
+    ts: str | None = None
+    # The last event whole, for the report and the dataset files; resume does without it.
     last: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -97,7 +99,7 @@ class LedgerState:
         return entry[0]
 
 
-def _apply(state: LedgerState, event: dict[str, Any]) -> None:
+def _apply(state: LedgerState, event: dict[str, Any], keep_last: bool = True) -> None:
     kind = event.get("event")
     row_id = event.get("row")
     if kind == "run":
@@ -121,7 +123,9 @@ def _apply(state: LedgerState, event: dict[str, Any]) -> None:
     if row is None:
         row = state.rows[row_id] = RowState(event=kind)
     row.event = kind
-    row.last = event
+    row.ts = event.get("ts")
+    if keep_last:
+        row.last = event
     if "fingerprint" in event:
         row.fingerprint = event["fingerprint"]
     if "prediction_id" in event:
@@ -168,11 +172,13 @@ def _parse(line: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def read_ledger(path: Path) -> tuple[LedgerState, int]:
+def read_ledger(path: Path, *, keep_last: bool = True) -> tuple[LedgerState, int]:
     """Read a ledger once; return its state and the offset where good data ends.
 
     A torn or garbled tail (a line without newline, or trailing lines that are
     not JSON) is left out; a bad line in the middle is skipped and counted.
+    ``keep_last=False`` drops each row's last event dict: a 100k-row resume needs
+    only the row states, not 100k parsed events.
     """
     state = LedgerState()
     try:
@@ -190,7 +196,7 @@ def read_ledger(path: Path) -> tuple[LedgerState, int]:
             continue
         state.corrupt_lines += pending_bad
         pending_bad = 0
-        _apply(state, event)
+        _apply(state, event, keep_last)
         good_end = end
     state.torn_tail = good_end < len(data) and bool(data[good_end:].strip())
     return state, good_end
@@ -207,9 +213,9 @@ def ledger_paths(out_dir: Path) -> list[Path]:
     return paths + sorted(out_dir.glob(SHARD_LEDGER_GLOB))
 
 
-def read_ledgers(paths: list[Path]) -> LedgerState:
+def read_ledgers(paths: list[Path], *, keep_last: bool = True) -> LedgerState:
     """Merge several ledgers (shards) read-only, in file order."""
-    return merge_states([read_ledger(path)[0] for path in paths])
+    return merge_states([read_ledger(path, keep_last=keep_last)[0] for path in paths])
 
 
 def merge_states(states: list[LedgerState]) -> LedgerState:
@@ -224,7 +230,7 @@ def merge_states(states: list[LedgerState]) -> LedgerState:
     for state in states:
         for row_id, row in state.rows.items():
             known = merged.rows.get(row_id)
-            if known is None or str(row.last.get("ts", "")) >= str(known.last.get("ts", "")):
+            if known is None or str(row.ts or "") >= str(known.ts or ""):
                 merged.rows[row_id] = row
         merged.uploads.update(state.uploads)
         merged.runs += state.runs

@@ -18,6 +18,7 @@ import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -51,6 +52,7 @@ DEFAULT_FIELDS = ("seed", "output_format", "params", "repeat", "prompt", "meta")
 SETTING_FIELDS = ("concurrency", "rate", "timeout", "retries", "budget", "price", "out")
 TOP_FIELDS = ("model", "defaults", "rows", *SETTING_FIELDS)
 CSV_COLUMNS = ("id", "image", "prompt", "seed", "output_format", "repeat")
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
 RESERVED_PARAMS = ("prompt", "image", "seed", "output_format")
 
 
@@ -195,6 +197,7 @@ class _Builder:
         self._derived_ids: set[str] = set()
         self._derived_seen: dict[str, int] = {}
         self._image_checks: dict[str, str | None] = {}
+        self._ref_checks: dict[str, tuple[Path | bool | None, list[str]]] = {}
         self._glob_cache: dict[str, list[str] | str] = {}
 
     def problem(self, line: int | None, name: str, reason: str) -> None:
@@ -209,6 +212,20 @@ class _Builder:
 
     def _check_image(self, ref: str, line: int | None, name: str) -> Path | bool | None:
         """Return the local path, None for a URL, or False after a problem."""
+        # Large manifests name the same few images over and over: check each once.
+        cached = self._ref_checks.get(ref)
+        if cached is None:
+            before = len(self.problems)
+            result = self._check_image_once(ref, line, name)
+            reasons = [p.reason for p in self.problems[before:]]
+            self._ref_checks[ref] = cached = (result, reasons)
+            return result
+        result, reasons = cached
+        for reason in reasons:
+            self.problem(line, name, reason)
+        return result
+
+    def _check_image_once(self, ref: str, line: int | None, name: str) -> Path | bool | None:
         if "://" in ref:
             scheme = ref.split("://", 1)[0].lower()
             if scheme not in ("http", "https"):
@@ -372,12 +389,15 @@ class _Builder:
         for key in params:
             if key in RESERVED_PARAMS:
                 self.problem(line, f"{name}.{key}", "set it as a row field")
-        params = {str(k): v for k, v in params.items()}
-        try:
-            json.dumps(params)
-        except (TypeError, ValueError):
-            self.problem(line, name, "values must be JSON data")
-            params = {}
+        if params:
+            params = {str(k): v for k, v in params.items()}
+            try:
+                json.dumps(params)
+            except (TypeError, ValueError):
+                self.problem(line, name, "values must be JSON data")
+                params = {}
+        else:
+            params = _EMPTY  # shared: 100k rows need not carry 100k empty dicts
         meta = self._meta(merged.get("meta", {}), *where("meta"))
         repeat = merged.get("repeat", 1)
         if isinstance(repeat, bool) or not isinstance(repeat, int) or not 1 <= repeat <= MAX_REPEAT:
@@ -416,7 +436,7 @@ class _Builder:
             )
             return
         for (image_ref, image_path), prompt, seed in combos:
-            digest = _request_hash(self.model, image_ref, prompt, seed, fmt, params)
+            digest = _request_hash(self.model, image_ref, prompt, seed, fmt, dict(params))
             for _ in range(repeat):
                 row_id = explicit_id or self._derived_id(digest)
                 self.rows.append(

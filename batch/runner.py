@@ -39,7 +39,7 @@ from batch.ledger import (
 from batch.limits import SubmitLimiter
 from batch.manifest import SEED_MAX, Manifest, Row, shard_of
 from batch.outputs import existing_files, output_names, remove_temp_files, write_atomic
-from batch.polling import PollSchedule
+from batch.polling import PollSchedule, latency_sample
 from batch.retry import Backoff
 
 UPLOAD_EXPIRED_CODE = 1402
@@ -163,6 +163,8 @@ class _RunCounters:
 
 
 ProgressCallback = Callable[[Progress], None]
+# Called once the ledger is read: rows per action, and what the folder already spent.
+PlanCallback = Callable[[dict[str, int], float], None]
 
 
 class Runner:
@@ -173,6 +175,7 @@ class Runner:
         options: RunOptions,
         *,
         progress: ProgressCallback | None = None,
+        on_plan: PlanCallback | None = None,
         ledger_name: str = LEDGER_NAME,
     ) -> None:
         self.manifest = manifest
@@ -187,6 +190,7 @@ class Runner:
         self.out_dir = options.out_dir
         self.ledger_path = self.out_dir / ledger_name
         self._progress_cb = progress
+        self._on_plan = on_plan
         self.run_id = uuid.uuid4().hex[:12]
         self.limiter = SubmitLimiter(options.rate)
         self.schedule = PollSchedule(floor=options.poll_floor)
@@ -218,10 +222,10 @@ class Runner:
 
     def load_state(self) -> LedgerState:
         """Read every ledger of OUT_DIR once; cut a torn tail off our own before appending."""
-        own, good_end = read_ledger(self.ledger_path)
+        own, good_end = read_ledger(self.ledger_path, keep_last=False)
         cut_torn_tail(self.ledger_path, good_end)
         others = [p for p in ledger_paths(self.out_dir) if p != self.ledger_path]
-        self.state = merge_states([read_ledger(p)[0] for p in others] + [own])
+        self.state = merge_states([read_ledger(p, keep_last=False)[0] for p in others] + [own])
         self._prior_spend = self.state.spend
         return self.state
 
@@ -242,6 +246,11 @@ class Runner:
         remove_temp_files(self.out_dir)
         self.load_state()
         planned = list(self.plans())
+        if self._on_plan is not None:
+            counts = {a.value: 0 for a in Action}
+            for _, plan in planned:
+                counts[plan.action.value] += 1
+            self._on_plan(counts, self._prior_spend)
         for row, plan in planned:
             if plan.action is Action.DONE:
                 self._final[row.id] = "completed"
@@ -609,6 +618,7 @@ class Runner:
                     raise _DeadlineExceeded
                 delay = deadline - now
             await asyncio.sleep(delay)
+            sent = time.monotonic()
             try:
                 prediction = await self.client.result(pid)
             except PredictionGone:
@@ -624,13 +634,16 @@ class Runner:
                     raise _DeadlineExceeded from None
                 await asyncio.sleep(wait)
                 continue
-            seen = time.monotonic()
             if prediction.done:
                 if not poll_now:
-                    self.schedule.observe((last_pending + (seen - submitted_at)) / 2)
+                    reported = prediction.inference_ms / 1000 if prediction.inference_ms else None
+                    self.schedule.observe(
+                        latency_sample(last_pending, sent - submitted_at, reported)
+                    )
                 return prediction
-            last_poll = seen
-            last_pending = seen - submitted_at
+            last_poll = sent
+            last_pending = sent - submitted_at
+            seen = time.monotonic()
             if seen >= deadline:
                 raise _DeadlineExceeded
 
