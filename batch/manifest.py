@@ -48,6 +48,7 @@ ROW_FIELDS = (
     "repeat",
     "meta",
 )
+_ROW_FIELD_SET = frozenset(ROW_FIELDS)
 DEFAULT_FIELDS = ("seed", "output_format", "params", "repeat", "prompt", "meta")
 SETTING_FIELDS = ("concurrency", "rate", "timeout", "retries", "budget", "price", "out")
 TOP_FIELDS = ("model", "defaults", "rows", *SETTING_FIELDS)
@@ -356,16 +357,22 @@ class _Builder:
         row = raw.fields
         before = self._seen
         for name in row:
-            if name not in ROW_FIELDS:
+            if name not in _ROW_FIELD_SET:
                 self.problem(raw.line_of(name), name, _suggest(name, ROW_FIELDS))
         merged = {**defaults, **{k: v for k, v in row.items() if v is not None}}
-        default_lines = default_lines or {}
+        key_lines, row_line = raw.key_lines, raw.line
 
-        def where(name: str) -> tuple[int | None, str]:
-            """Line and field to blame: the row's own, or the defaults' when inherited."""
-            if row.get(name) is None and name in default_lines:
-                return default_lines[name], f"defaults.{name}"
-            return raw.line_of(name), name
+        if default_lines:
+
+            def where(name: str) -> tuple[int | None, str]:
+                """Line and field to blame: the row's own, or the defaults' when inherited."""
+                if row.get(name) is None and name in default_lines:
+                    return default_lines[name], f"defaults.{name}"
+                return key_lines.get(name, row_line), name
+        else:
+
+            def where(name: str) -> tuple[int | None, str]:
+                return key_lines.get(name, row_line), name
 
         explicit_id = merged.get("id")
         if explicit_id is not None:

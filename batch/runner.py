@@ -603,6 +603,16 @@ class Runner:
     async def _poll(
         self, pid: str, submitted_at: float, deadline: float, *, poll_now: bool
     ) -> Prediction:
+        if not poll_now:
+            self.schedule.begin(pid, submitted_at)
+        try:
+            return await self._poll_until_done(pid, submitted_at, deadline, poll_now=poll_now)
+        finally:
+            self.schedule.end(pid)
+
+    async def _poll_until_done(
+        self, pid: str, submitted_at: float, deadline: float, *, poll_now: bool
+    ) -> Prediction:
         last_poll: float | None = None
         last_pending = 0.0
         errors = 0
@@ -612,7 +622,7 @@ class Runner:
                 delay = 0.0
             else:
                 since = None if last_poll is None else now - last_poll
-                delay = self.schedule.next_delay(now - submitted_at, since)
+                delay = self.schedule.next_delay(now - submitted_at, since, now)
             if now + delay > deadline:
                 if now >= deadline:
                     raise _DeadlineExceeded
