@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import gc
 import hashlib
 import json
 import os
@@ -345,6 +346,8 @@ class _ProgressView:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     manifest = _load(args)
+    # The rows live until exit: keep full collections from walking them again and again.
+    gc.freeze()
     out_dir = _out_dir(args, manifest)
     shard = parse_shard(args.shard, args.shards)
     price = _setting(args, manifest, "price", DEFAULT_PRICE)

@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from batch.bulk import gc_paused
+
 LEDGER_NAME = "ledger.jsonl"
 TERMINAL_FAILURES = frozenset({"failed", "cancelled", "canceled", "timeout"})
 SHARD_LEDGER_GLOB = "ledger.shard-*.jsonl"
@@ -153,14 +155,45 @@ def _apply(state: LedgerState, event: dict[str, Any], keep_last: bool = True) ->
         row.task_status = event.get("task_status")
 
 
-def _lines(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """Yield (end offset, line) for every newline-terminated line."""
-    start = 0
+CHUNK_BYTES = 1 << 20
+
+
+def _lines(data: bytes, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
+    """Yield (end offset, line) for every newline-terminated line in data[start:stop]."""
     while True:
-        end = data.find(b"\n", start)
+        end = data.find(b"\n", start, stop)
         if end < 0:
             return
         yield end + 1, data[start:end]
+        start = end + 1
+
+
+def _chunks(data: bytes) -> Iterator[tuple[int, int, list[dict[str, Any]] | None]]:
+    """Yield (start, end, events) for ~1 MB runs of whole lines, parsed in one call.
+
+    A run that does not parse as a whole (a blank, torn or garbled line in it) yields
+    None, and the caller goes through it line by line. Lines never hold a raw newline
+    (JSON escapes it), so joining them with commas makes one JSON array.
+    """
+    start = 0
+    while start < len(data):
+        end = data.find(b"\n", min(start + CHUNK_BYTES, len(data) - 1))
+        if end < 0:
+            end = data.rfind(b"\n", start)
+            if end < start:
+                return  # only a torn last line is left
+        body = data[start:end]
+        events: list[dict[str, Any]] | None
+        try:
+            parsed = json.loads(b"[" + body.replace(b"\n", b",") + b"]")
+        except ValueError:
+            parsed = None
+        events = (
+            parsed
+            if isinstance(parsed, list) and all(isinstance(e, dict) for e in parsed)
+            else None
+        )
+        yield start, end + 1, events
         start = end + 1
 
 
@@ -187,17 +220,26 @@ def read_ledger(path: Path, *, keep_last: bool = True) -> tuple[LedgerState, int
         return state, 0
     good_end = 0
     pending_bad = 0
-    for end, line in _lines(data):
-        if not line.strip():
-            continue
-        event = _parse(line)
-        if event is None:
-            pending_bad += 1
-            continue
-        state.corrupt_lines += pending_bad
-        pending_bad = 0
-        _apply(state, event, keep_last)
-        good_end = end
+    with gc_paused():
+        for chunk_start, chunk_end, events in _chunks(data):
+            if events is not None:  # the whole chunk parsed at once: the common case
+                for event in events:
+                    _apply(state, event, keep_last)
+                state.corrupt_lines += pending_bad
+                pending_bad = 0
+                good_end = chunk_end
+                continue
+            for end, line in _lines(data, chunk_start, chunk_end):
+                if not line.strip():
+                    continue
+                parsed = _parse(line)
+                if parsed is None:
+                    pending_bad += 1
+                    continue
+                state.corrupt_lines += pending_bad
+                pending_bad = 0
+                _apply(state, parsed, keep_last)
+                good_end = end
     state.torn_tail = good_end < len(data) and bool(data[good_end:].strip())
     return state, good_end
 

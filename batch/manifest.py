@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from batch.bulk import gc_paused
 from batch.errors import ManifestError, Problem
 from batch.images import sniff_image
 
@@ -758,6 +759,11 @@ def load_manifest(
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> Manifest:
     """Read and validate a whole manifest; raise ManifestError listing every problem."""
+    with gc_paused():
+        return _load_manifest(Path(path), model, max_image_bytes)
+
+
+def _load_manifest(path: Path, model: str | None, max_image_bytes: int) -> Manifest:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".yaml", ".yml", ".csv", ".jsonl"):
