@@ -50,6 +50,8 @@ ROW_FIELDS = (
     "meta",
 )
 _ROW_FIELD_SET = frozenset(ROW_FIELDS)
+_PLAIN_FIELDS = frozenset({"id", "image", "prompt", "seed", "output_format"})
+_SEED_TEXT = re.compile(r"-?[0-9]{1,20}")
 DEFAULT_FIELDS = ("seed", "output_format", "params", "repeat", "prompt", "meta")
 SETTING_FIELDS = ("concurrency", "rate", "timeout", "retries", "budget", "price", "out")
 TOP_FIELDS = ("model", "defaults", "rows", *SETTING_FIELDS)
@@ -355,6 +357,8 @@ class _Builder:
         defaults: Mapping[str, Any],
         default_lines: Mapping[str, int] | None = None,
     ) -> None:
+        if not defaults and self._add_plain(raw):
+            return
         row = raw.fields
         before = self._seen
         for name in row:
@@ -462,6 +466,60 @@ class _Builder:
                         image_path=image_path,
                     )
                 )
+
+    def _add_plain(self, raw: _RawRow) -> bool:
+        """Add a row of the common shape (scalar image, prompt, seed, format, id) that is
+        valid, with the same checks as ``add``; False sends it down the general path,
+        which also reports whatever is wrong. A 100k-row CSV takes a third of the time."""
+        fields = raw.fields
+        if not fields.keys() <= _PLAIN_FIELDS:
+            return False
+        image, prompt = fields.get("image"), fields.get("prompt")
+        if type(image) is not str or type(prompt) is not str:
+            return False
+        if not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS:
+            return False
+        seed = fields.get("seed", -1)
+        if type(seed) is str and _SEED_TEXT.fullmatch(seed):
+            seed = int(seed)
+        if type(seed) is not int or not SEED_MIN <= seed <= SEED_MAX:
+            return False
+        fmt = fields.get("output_format", "jpeg")
+        if fmt not in OUTPUT_FORMATS:
+            return False
+        explicit = fields.get("id")
+        if explicit is not None and (
+            type(explicit) is not str
+            or not ID_PATTERN.fullmatch(explicit)
+            or explicit in (".", "..")
+            or explicit in self._explicit_ids
+        ):
+            return False
+        checked = self._ref_checks.get(image)  # only images already found good
+        if checked is None or checked[1]:
+            return False
+        image_path = checked[0]
+        if image_path is False:
+            return False
+        digest = _request_hash(self.model, image, prompt, seed, fmt, {})
+        if explicit is not None:
+            self._explicit_ids[explicit] = raw.key_lines.get("id", raw.line)
+        self.rows.append(
+            Row(
+                id=explicit if explicit is not None else self._derived_id(digest),
+                image=image,
+                prompt=prompt,
+                seed=seed,
+                output_format=fmt,
+                model=self.model,
+                params=_EMPTY,
+                meta=_EMPTY,
+                fingerprint=digest[:32],
+                source=f"{self.source}:{raw.line}" if raw.line else self.source,
+                image_path=image_path if isinstance(image_path, Path) else None,
+            )
+        )
+        return True
 
     def _one_or_many(
         self,

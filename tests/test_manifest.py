@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from batch.errors import ManifestError, Problem
 from batch.manifest import DEFAULT_MODEL, Manifest, load_manifest
@@ -538,3 +540,25 @@ def test_id_that_could_collide_with_numbered_outputs_is_refused(tmp_path, images
         load_manifest(path)
     assert "output 2 of row 'x'" in str(info.value)
     assert info.value.problems[0].line == 2
+
+
+def test_plain_rows_take_the_same_checks_as_any_row(tmp_path, images):
+    """The fast path for plain rows derives exactly the rows the general path does."""
+    rows = [
+        {"image": "images/a.png", "prompt": "p one", "seed": 3},
+        {"image": "images/a.png", "prompt": "p one", "seed": 3},  # a repeat sample
+        {"id": "named", "image": "images/b.jpg", "prompt": "p two", "output_format": "png"},
+        {"image": "https://example.com/x.png", "prompt": "p three"},
+    ]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    general = tmp_path / "general.yaml"  # defaults force the general path
+    general.write_text(yaml.safe_dump({"defaults": {"repeat": 1}, "rows": rows}))
+
+    def key(row):
+        return (row.id, row.image, row.prompt, row.seed, row.output_format, row.fingerprint,
+                dict(row.params), dict(row.meta), row.image_path)  # fmt: skip
+
+    assert [key(r) for r in load_manifest(plain).rows] == [
+        key(r) for r in load_manifest(general).rows
+    ]
