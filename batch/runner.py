@@ -296,8 +296,11 @@ class Runner:
                 loop.remove_signal_handler(signum)
             if self._grace_task is not None:
                 self._grace_task.cancel()
-            for task in list(self._workers):
+            stragglers = list(self._workers)
+            for task in stragglers:
                 task.cancel()
+            # Let cancelled workers finish their shielded ledger writes before closing it.
+            await asyncio.gather(*stragglers, return_exceptions=True)
             await self.ledger.close()
         if self._fatal is not None:
             raise self._fatal

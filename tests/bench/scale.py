@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from batch.export import write_metadata
 from batch.manifest import load_manifest
 from tests.bench.harness import (
     EmulatorProcess,
@@ -85,7 +87,8 @@ def wsbatch_run(manifest: Path, base_url: str, out_dir: Path, concurrency: int) 
 
 
 def build_completed_out(manifest: Path, out_dir: Path) -> int:
-    """A ledger with a ``completed`` event for every row, and an empty file per output."""
+    """An OUT_DIR as a finished run leaves it: a ledger with a ``completed`` event for every
+    row, an (empty) file per output, and metadata.jsonl."""
     rows = load_manifest(manifest).rows
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
@@ -107,6 +110,8 @@ def build_completed_out(manifest: Path, out_dir: Path) -> int:
         lines.append(json.dumps(event, separators=(",", ":")))
         (out_dir / name).touch()
     (out_dir / "ledger.jsonl").write_text("\n".join(lines) + "\n")
+    # A finished run always leaves metadata.jsonl beside its ledger; so does this one.
+    write_metadata(out_dir)
     return len(rows)
 
 
@@ -151,9 +156,27 @@ def measure_validate(manifest: Path, rows: int) -> dict[str, Any]:
     return figures
 
 
+def _build_in_child(manifest: Path, out_dir: Path) -> int:
+    """Build the finished OUT_DIR in a child process. Built here, its 100k rows would swell
+    this process, and a child forked from a large parent reports the parent's pages in its
+    own peak RSS (``ru_maxrss`` counts the copy it was before ``exec``)."""
+    code = (
+        "import sys; from pathlib import Path; "
+        "from tests.bench.scale import build_completed_out; "
+        "print(build_completed_out(Path(sys.argv[1]), Path(sys.argv[2])))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(manifest), str(out_dir)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(done.stdout.strip())
+
+
 def measure_resume(manifest: Path, out_dir: Path) -> dict[str, Any]:
     """(b) ``wsbatch run`` where every row is already completed: no request may be sent."""
-    rows = build_completed_out(manifest, out_dir)
+    rows = _build_in_child(manifest, out_dir)
     with EmulatorProcess((0.0, 0.0)) as emu:
         result = run_measured(
             wsbatch_run(manifest, emu.base_url, out_dir, 50),
