@@ -7,8 +7,12 @@ import random
 from batch.polling import QUANTILES, PollSchedule, latency_sample
 
 
-def simulate(schedule: PollSchedule, latencies: list[float]) -> tuple[float, float]:
-    """Poll one task at a time as the runner would; return (polls per task, mean lag)."""
+def simulate(
+    schedule: PollSchedule, latencies: list[float], reported: bool = True
+) -> tuple[float, float]:
+    """Poll one task at a time as the runner would; return (polls per task, mean lag).
+
+    ``reported``: the server states each task's inference time, as the API does."""
     polls = lag = 0.0
     now = 1000.0
     for latency in latencies:
@@ -21,7 +25,8 @@ def simulate(schedule: PollSchedule, latencies: list[float]) -> tuple[float, flo
             polls += 1
             last_poll = now
             if now - started >= latency:
-                schedule.observe(latency_sample(pending_at, now - started, None))
+                told = latency if reported else None
+                schedule.observe(latency_sample(pending_at, now - started, told))
                 schedule.end("t")
                 lag += now - started - latency
                 break
