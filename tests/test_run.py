@@ -258,3 +258,32 @@ def test_python_dash_m_batch_is_the_same_program():
 
     result = run_subprocess("--version")
     assert result.returncode == 0 and "wsbatch" in result.stdout
+
+
+def test_uploads_are_reused_by_the_next_run(emulator, images, write_manifest, cli, tmp_path):
+    """An image uploaded by one run is not uploaded again by the next run on that folder."""
+    rows = [{"image": "images/a.png", "prompt": f"p{i}"} for i in range(4)]
+    path = write_manifest(rows)
+    out = tmp_path / "out"
+    args = ("run", path, "--base-url", emulator.base_url, "--out", out, "--json")
+    first = cli(*args, "--max-tasks", "1")
+    assert json.loads(first.out)["uploads"] == 1
+    second = json.loads(cli(*args).out)
+    assert second["uploads"] == 0 and second["uploads_reused"] == 1
+    assert second["completed"] == 4 and emulator.stats.uploads == 1
+
+
+def test_internal_error_prints_one_line_and_a_hint(cli, monkeypatch, images, write_manifest):
+    """A bug shows one line and the --debug hint, not a traceback; --debug shows it."""
+    import batch.cli
+
+    def broken(args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(batch.cli, "_cmd_validate", broken)
+    path = write_manifest(simple_rows(images, 1))
+    result = cli("validate", path)
+    assert result.code == 1
+    assert result.err.strip().count("\n") == 0 and "--debug" in result.err
+    assert "Traceback" not in result.err
+    assert "Traceback" in cli("--debug", "validate", path).err
