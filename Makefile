@@ -3,28 +3,38 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+DEV_STAMP := $(VENV)/.dev-installed-stamp
 
-.PHONY: install demo test lint typecheck unit bench clean
+.PHONY: install install-dev demo test lint typecheck unit bench clean
 
+# The program and its dataset export: what a user needs.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,export]'
+	$(BIN)/python -m pip install --quiet -e '.[export]'
 	touch $(STAMP)
 
+# Plus the test, lint and type-check tools (datasets, webdataset, moto and selenium
+# for the tests that load what wsbatch writes).
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,export]'
+	touch $(DEV_STAMP)
+
 install: $(STAMP)
+
+install-dev: $(DEV_STAMP)
 
 demo: install
 	@bash scripts/demo.sh
 
-lint: install
-	$(BIN)/ruff check batch tests
-	$(BIN)/ruff format --check batch tests
+lint: install-dev
+	$(BIN)/ruff check batch tests scripts
+	$(BIN)/ruff format --check batch tests scripts
 
-typecheck: install
+typecheck: install-dev
 	$(BIN)/mypy batch
 
-unit: install
+unit: install-dev
 	$(BIN)/python -m pytest
 
 test: lint typecheck unit
