@@ -448,24 +448,39 @@ class _Builder:
             )
             return
         for (image_ref, image_path), prompt, seed in combos:
-            digest = _request_hash(self.model, image_ref, prompt, seed, fmt, dict(params))
             for _ in range(repeat):
-                row_id = explicit_id or self._derived_id(digest)
-                self.rows.append(
-                    Row(
-                        id=row_id,
-                        image=image_ref,
-                        prompt=prompt,
-                        seed=seed,
-                        output_format=fmt,
-                        model=self.model,
-                        params=params,
-                        meta=meta,
-                        fingerprint=digest[:32],
-                        source=f"{self.source}:{raw.line}" if raw.line else self.source,
-                        image_path=image_path,
-                    )
+                self._append(
+                    raw, explicit_id, image_ref, image_path, prompt, seed, fmt, params, meta
                 )
+
+    def _append(
+        self,
+        raw: _RawRow,
+        explicit_id: str | None,
+        image: str,
+        image_path: Path | None,
+        prompt: str,
+        seed: int,
+        fmt: str,
+        params: Mapping[str, Any],
+        meta: Mapping[str, Any],
+    ) -> None:
+        digest = _request_hash(self.model, image, prompt, seed, fmt, dict(params))
+        self.rows.append(
+            Row(
+                id=explicit_id or self._derived_id(digest),
+                image=image,
+                prompt=prompt,
+                seed=seed,
+                output_format=fmt,
+                model=self.model,
+                params=params,
+                meta=meta,
+                fingerprint=digest[:32],
+                source=f"{self.source}:{raw.line}" if raw.line else self.source,
+                image_path=image_path,
+            )
+        )
 
     def _add_plain(self, raw: _RawRow) -> bool:
         """Add a row of the common shape (scalar image, prompt, seed, format, id) that is
@@ -501,24 +516,10 @@ class _Builder:
         image_path = checked[0]
         if image_path is False:
             return False
-        digest = _request_hash(self.model, image, prompt, seed, fmt, {})
         if explicit is not None:
             self._explicit_ids[explicit] = raw.key_lines.get("id", raw.line)
-        self.rows.append(
-            Row(
-                id=explicit if explicit is not None else self._derived_id(digest),
-                image=image,
-                prompt=prompt,
-                seed=seed,
-                output_format=fmt,
-                model=self.model,
-                params=_EMPTY,
-                meta=_EMPTY,
-                fingerprint=digest[:32],
-                source=f"{self.source}:{raw.line}" if raw.line else self.source,
-                image_path=image_path if isinstance(image_path, Path) else None,
-            )
-        )
+        path = image_path if isinstance(image_path, Path) else None
+        self._append(raw, explicit, image, path, prompt, seed, fmt, _EMPTY, _EMPTY)
         return True
 
     def _one_or_many(
