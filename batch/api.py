@@ -197,7 +197,7 @@ async def run_manifest_async(
             summary = await runner.run()
         # The ledger is the truth; metadata.jsonl only changes when rows completed.
         if summary.completed > summary.already_done or not (target / METADATA_NAME).exists():
-            _refresh_metadata(target)
+            await asyncio.to_thread(_refresh_metadata, target)
     return summary
 
 

@@ -229,6 +229,12 @@ class Runner:
         self._prior_spend = self.state.spend
         return self.state
 
+    def _prepare(self) -> list[tuple[Row, Plan]]:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        remove_temp_files(self.out_dir)
+        self.load_state()
+        return list(self.plans())
+
     def plans(self) -> Iterator[tuple[Row, Plan]]:
         files = existing_files(self.out_dir)
         for row in self.rows:
@@ -242,10 +248,9 @@ class Runner:
     # -- the run -------------------------------------------------------------
 
     async def run(self) -> Summary:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        remove_temp_files(self.out_dir)
-        self.load_state()
-        planned = list(self.plans())
+        # Reading 100k ledger lines and listing the folder take seconds: off the loop,
+        # which may be a notebook's with other work on it.
+        planned = await asyncio.to_thread(self._prepare)
         if self._on_plan is not None:
             counts = {a.value: 0 for a in Action}
             for _, plan in planned:
