@@ -32,6 +32,7 @@ from batch.retry import parse_retry_after
 DEFAULT_BASE_URL = "https://api.wavespeed.ai"
 DEFAULT_MAX_DOWNLOAD = 64 * 1024 * 1024
 MAX_JSON_BYTES = 1024 * 1024
+MAX_REDIRECTS = 5
 FAILED_STATUSES = frozenset({"failed", "cancelled", "canceled", "timeout"})
 GONE_STATUSES = frozenset({"deleted"})
 OUTCOME_UNKNOWN_STATUSES = frozenset({500, 502, 504})
@@ -402,6 +403,24 @@ class Client:
         return data
 
     async def _download(self, url: str) -> bytes:
+        # A CDN may redirect (to storage); follow a few hops ourselves, so that the key
+        # can never ride along and a redirect loop ends.
+        for _ in range(MAX_REDIRECTS + 1):
+            data, location = await self._download_once(url)
+            if location is None:
+                assert data is not None
+                self.stats.bytes_downloaded += len(data)
+                return data
+            target = urljoin(url, location)
+            if _origin(target) == self._api_origin or not target.startswith(
+                ("http://", "https://")
+            ):
+                raise OutputError("download: refusing a redirect back to the API origin")
+            url = target
+        raise OutputError(f"download: more than {MAX_REDIRECTS} redirects")
+
+    async def _download_once(self, url: str) -> tuple[bytes | None, str | None]:
+        """The body, or the Location of a redirect to follow."""
         # Outputs live on a CDN: never send the key there, nor anywhere but the API.
         if _origin(url) == self._api_origin:
             headers = {"Authorization": f"Bearer {self._key}"}
@@ -416,8 +435,7 @@ class Client:
                 url, headers=headers, timeout=timeout, allow_redirects=False
             ) as resp:
                 if resp.status in (301, 302, 303, 307, 308) and not headers:
-                    location = resp.headers.get("Location", "")
-                    return await self._download_redirected(url, location)
+                    return None, resp.headers.get("Location", "")
                 if resp.status >= 500 or resp.status in (408, 429):
                     raise ApiError(
                         f"download: HTTP {resp.status}",
@@ -436,14 +454,7 @@ class Client:
             raise OutputError("download: truncated") from None
         except Exception as exc:
             raise self._transport_error(exc, "download") from None
-        self.stats.bytes_downloaded += len(data)
-        return data
-
-    async def _download_redirected(self, url: str, location: str) -> bytes:
-        target = urljoin(url, location)
-        if _origin(target) == self._api_origin or not target.startswith(("http://", "https://")):
-            raise OutputError("download: refusing a redirect back to the API origin")
-        return await self._download(target)
+        return data, None
 
     async def upload(self, path: Path, data: bytes) -> str:
         """Upload a local image; return the URL to pass as ``image``."""

@@ -169,3 +169,29 @@ def test_unwritable_names_are_refused():
     for name in ("../x.png", ".hidden.png", "a/b.png", ""):
         with pytest.raises(ValueError):
             asyncio.run(write_atomic(Path("/tmp"), name, b"x"))
+
+
+def test_output_redirect_loop_ends_and_carries_no_key():
+    """An output URL that redirects to itself fails the download after a few hops, keyless."""
+    seen: list[str] = []
+
+    async def go() -> None:
+        async def handler(request: web.Request) -> web.Response:
+            seen.append(request.headers.get("Authorization", ""))
+            raise web.HTTPFound("/loop.png")
+
+        app = web.Application()
+        app.router.add_route("GET", "/{tail:.*}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
+        try:
+            async with Client("http://127.0.0.1:9", API_KEY) as client:
+                with pytest.raises(OutputError, match="redirects"):
+                    await client.fetch_output(f"http://127.0.0.1:{port}/loop.png", "png")
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(go())
+    assert 1 < len(seen) <= 6 and not any(seen)
