@@ -21,6 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from batch.client import DEFAULT_BASE_URL, Client, check_base_url
 from batch.errors import UsageError
+from batch.export import METADATA_NAME, write_metadata
 from batch.ledger import LedgerState, RowState, ledger_name, ledger_paths, read_ledgers
 from batch.lock import OutDirLock
 from batch.manifest import Manifest, load_manifest, shard_of
@@ -197,17 +198,8 @@ async def run_manifest_async(
             summary = await runner.run()
         # The ledger is the truth; metadata.jsonl only changes when rows completed.
         if summary.completed > summary.already_done or not (target / METADATA_NAME).exists():
-            await asyncio.to_thread(_refresh_metadata, target)
+            await asyncio.to_thread(write_metadata, target)
     return summary
-
-
-METADATA_NAME = "metadata.jsonl"
-
-
-def _refresh_metadata(out_dir: Path) -> None:
-    from batch.export import write_metadata
-
-    write_metadata(out_dir)
 
 
 def _blocking(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
 import gc
 import hashlib
 import json
@@ -25,7 +24,7 @@ from batch.api import default_out_dir, parse_shard, run_manifest_async
 from batch.client import DEFAULT_BASE_URL, check_base_url
 from batch.errors import BatchError, UsageError
 from batch.ledger import LEDGER_NAME, ledger_paths, read_ledgers
-from batch.lock import LOCK_NAME
+from batch.lock import holders
 from batch.manifest import (
     OUTPUT_FORMATS,
     SEED_MAX,
@@ -35,7 +34,7 @@ from batch.manifest import (
     manifest_from_args,
 )
 from batch.outputs import existing_files
-from batch.runner import Action, Progress, Summary, plan_row
+from batch.runner import Progress, Summary, count_actions, plan_row
 
 DEFAULT_PRICE = 0.024
 LOG_INTERVAL = 10.0
@@ -254,10 +253,8 @@ def _plan_counts(
     """What a run would do per row, and what this folder has spent so far."""
     state = read_ledgers(ledger_paths(out_dir), keep_last=False)
     files = existing_files(out_dir)
-    counts = {a.value: 0 for a in Action}
-    for row in manifest.rows:
-        counts[plan_row(row, state.rows.get(row.id), files, retry_failed).action.value] += 1
-    return counts, state.spend
+    plans = (plan_row(r, state.rows.get(r.id), files, retry_failed) for r in manifest.rows)
+    return count_actions(plans), state.spend
 
 
 def _plan_line(counts: dict[str, int], price: float, spent: float) -> str:
@@ -463,22 +460,6 @@ def _print_summary(summary: Summary) -> None:
 # -- status ------------------------------------------------------------------
 
 
-def _holder(out_dir: Path) -> str | None:
-    """The pid of a live run holding ``out_dir``, if any."""
-    path = out_dir / LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-    finally:
-        os.close(fd)
-    return None
-
-
 def status_of(out_dir: Path) -> dict[str, Any]:
     ledgers = ledger_paths(out_dir)
     if not ledgers:
@@ -490,11 +471,12 @@ def status_of(out_dir: Path) -> dict[str, Any]:
     last_run = state.runs[-1] if state.runs else {}
     total = max([int(r.get("manifest_rows") or r.get("rows") or 0) for r in state.runs] or [0])
     total = max(total, len(state.rows))
-    holder = _holder(out_dir)
+    pids = holders(out_dir)
     return {
         "out_dir": str(out_dir),
-        "running": holder is not None,
-        "pid": int(holder) if holder and holder.isdigit() else None,
+        "running": bool(pids),
+        "pid": int(pids[0]) if pids and pids[0].isdigit() else None,
+        "pids": [int(p) for p in pids if p.isdigit()],
         "rows": total,
         **counts,
         "not_started": max(total - sum(counts.values()), 0),

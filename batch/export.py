@@ -36,6 +36,7 @@ from typing import IO, Any
 from batch.errors import BatchError, UsageError
 from batch.images import extension, sniff_image
 from batch.ledger import ledger_paths, read_ledgers
+from batch.outputs import TEMP_PREFIX, TEMP_SUFFIX
 
 log = logging.getLogger("wsbatch.export")
 
@@ -57,11 +58,8 @@ ROW_GROUP_BYTES = 16 * 1024 * 1024
 # Fixed tar header fields, so that two exports of one folder are byte-identical.
 TAR_MTIME = 946_684_800  # 2000-01-01T00:00:00Z; 0 makes GNU tar warn on extraction
 TAR_MODE = 0o644
-# Temporary files: hidden, so no loader reads them; the runner sweeps OUT_DIR's at its next
-# start (batch.outputs uses the same names) and an export sweeps its destination's.
-TEMP_PREFIX = ".wsbatch-"
-TEMP_SUFFIX = ".part"
-
+# Temporary files take batch.outputs' names: hidden, so no loader reads them; the runner
+# sweeps OUT_DIR's at its next start and an export sweeps its destination's.
 # metadata.jsonl keys, in order; the meta fields follow.
 METADATA_KEYS = (
     "file_name",

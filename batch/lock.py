@@ -71,3 +71,32 @@ class OutDirLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def _held_by(path: Path) -> str | None:
+    """The pid written in a lock file whose lock someone holds now, else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        # Probing takes the lock for an instant when it is free; flock has no query.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)
+    return None
+
+
+def holders(out_dir: Path) -> list[str]:
+    """Pids of the live runs using ``out_dir``: a whole run, or every running shard."""
+    if _held_by(out_dir / LOCK_NAME) is None:
+        return []
+    pids = [
+        pid
+        for path in sorted(out_dir.glob(".wsbatch.shard-*.lock"))
+        if (pid := _held_by(path)) is not None
+    ]
+    # A whole run writes its pid in the folder's lock; shards hold that one shared.
+    return pids or [(out_dir / LOCK_NAME).read_text().strip() or "unknown"]

@@ -93,10 +93,6 @@ class _Totals:
     causes: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
-def _status(row: RowState) -> str:
-    return row.status
-
-
 def _num(value: Any) -> float | None:
     # bool is an int in Python; a ledger value of true is not a duration.
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -111,7 +107,7 @@ def _text(value: Any) -> str:
 def _rows(state: LedgerState) -> list[_Row]:
     rows: list[_Row] = []
     for row_id, row in state.rows.items():
-        item = _Row(row_id, _status(row), row)
+        item = _Row(row_id, row.status, row)
         if item.status != "in flight":
             start, end = parse_ts(row.submitted_at), parse_ts(row.last.get("ts"))
             if start is not None and end is not None and end >= start:

@@ -17,7 +17,7 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -81,6 +81,14 @@ def plan_row(row: Row, state: RowState | None, files: set[str], retry_failed: bo
     if retry_failed:
         return Plan(Action.SUBMIT, None, seed)
     return Plan(Action.FAILED)
+
+
+def count_actions(plans: Iterable[Plan]) -> dict[str, int]:
+    """Rows per action: what `validate` and the start of a run announce."""
+    counts = {a.value: 0 for a in Action}
+    for plan in plans:
+        counts[plan.action.value] += 1
+    return counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,10 +260,7 @@ class Runner:
         # which may be a notebook's with other work on it.
         planned = await asyncio.to_thread(self._prepare)
         if self._on_plan is not None:
-            counts = {a.value: 0 for a in Action}
-            for _, plan in planned:
-                counts[plan.action.value] += 1
-            self._on_plan(counts, self._prior_spend)
+            self._on_plan(count_actions(plan for _, plan in planned), self._prior_spend)
         for row, plan in planned:
             if plan.action is Action.DONE:
                 self._final[row.id] = "completed"

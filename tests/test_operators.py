@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,14 @@ def test_images_without_prompt_is_a_usage_error(cli, tmp_path):
     """--images alone exits 2 with a message."""
     result = cli("run", "--images", str(tmp_path))
     assert result.code == 2 and "--prompt" in result.err
+
+
+def test_status_sees_running_shards(cli, tmp_path):
+    """`status` reports a folder as running while only shard runs hold it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ledger.shard-0-of-2.jsonl").write_text('{"ts":"t","event":"run","rows":1}\n')
+    with OutDirLock(out, shard=(0, 2)):
+        info = json.loads(cli("status", out, "--json").out)
+    assert info["running"] is True and info["pids"] == [os.getpid()]
+    assert json.loads(cli("status", out, "--json").out)["running"] is False
