@@ -22,10 +22,11 @@ from typing import Any, ParamSpec, TypeVar
 from batch.client import DEFAULT_BASE_URL, Client, check_base_url
 from batch.errors import UsageError
 from batch.export import METADATA_NAME, write_metadata
-from batch.ledger import LedgerState, RowState, ledger_name, ledger_paths, read_ledgers
+from batch.ledger import ledger_name, ledger_paths, read_ledgers
 from batch.lock import OutDirLock
 from batch.manifest import Manifest, load_manifest, shard_of
 from batch.runner import PlanCallback, ProgressCallback, Runner, RunOptions, Summary
+from batch.state import LedgerState, RowState, RowStatus
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -34,6 +35,7 @@ SHARD_INDEX_VARIABLES = ("JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX")
 __all__ = [
     "Ledger",
     "Manifest",
+    "RowStatus",
     "Summary",
     "load_manifest",
     "parse_shard",
@@ -97,14 +99,22 @@ class Ledger:
     def rows(self) -> dict[str, RowState]:
         return self.state.rows
 
+    def with_status(self, *statuses: RowStatus) -> list[str]:
+        return sorted(r for r, s in self.rows.items() if s.status in statuses)
+
     def completed(self) -> list[str]:
-        return sorted(r for r, s in self.rows.items() if s.event == "completed")
+        return self.with_status(RowStatus.COMPLETED)
 
     def failed(self) -> list[str]:
-        return sorted(r for r, s in self.rows.items() if s.event == "failed")
+        return self.with_status(RowStatus.FAILED)
 
     def in_flight(self) -> list[str]:
-        return sorted(r for r, s in self.rows.items() if s.event == "submitted")
+        """Rows whose task may be running: a known prediction, or a submit in doubt."""
+        return self.with_status(RowStatus.IN_FLIGHT, RowStatus.IN_DOUBT)
+
+    @property
+    def possible_duplicates(self) -> int:
+        return self.state.possible_duplicates
 
     @property
     def spend(self) -> float:
@@ -152,6 +162,7 @@ async def run_manifest_async(
     price: float = 0.024,
     grace: float = 60.0,
     poll_floor: float = 0.5,
+    log_file: str | None = None,
     shard: tuple[int, int] | None = None,
     progress: ProgressCallback | None = None,
     on_plan: PlanCallback | None = None,
@@ -180,11 +191,14 @@ async def run_manifest_async(
         price=price,
         grace=grace,
         poll_floor=poll_floor,
+        log_file=log_file,
         handle_signals=handle_signals,
         shard=shard,
     )
     target.mkdir(parents=True, exist_ok=True)
-    with OutDirLock(target, shard=shard):
+    lock = OutDirLock(target, shard=shard)
+    await asyncio.to_thread(lock.acquire)  # it may wait out a reader's probe
+    with lock:
         # Each worker holds one connection at a time; a few spare for keep-alive.
         async with Client(url, key.value, connections=concurrency + 8) as client:
             runner = Runner(

@@ -34,7 +34,8 @@ from batch.manifest import (
     manifest_from_args,
 )
 from batch.outputs import existing_files
-from batch.runner import Progress, Summary, count_actions, plan_row
+from batch.runner import Progress, Summary
+from batch.state import RowStatus, count_actions, plan_row
 
 DEFAULT_PRICE = 0.024
 LOG_INTERVAL = 10.0
@@ -108,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard", help="run only shard K/N of the rows (K from 0), or 'auto'")
     run.add_argument("--shards", type=_positive_int, help="number of shards for --shard auto")
     run.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    run.add_argument(
+        "--log-file",
+        help="write a JSON-lines log of retries, 429s and waits: why a night was slow",
+    )
+    run.add_argument("--verbose", action="store_true", help="the same JSON-lines log on stderr")
     run.add_argument(
         "--poll-floor",
         type=_positive_float,
@@ -253,7 +259,9 @@ def _plan_counts(
     """What a run would do per row, and what this folder has spent so far."""
     state = read_ledgers(ledger_paths(out_dir), keep_last=False)
     files = existing_files(out_dir)
-    plans = (plan_row(r, state.rows.get(r.id), files, retry_failed) for r in manifest.rows)
+    plans = (
+        plan_row(state.rows.get(r.id), r.fingerprint, files, retry_failed) for r in manifest.rows
+    )
     return count_actions(plans), state.spend
 
 
@@ -301,9 +309,10 @@ class _ProgressView:
     def __call__(self, p: Progress) -> None:
         if p.stopping and not self._stopping_told:
             self._stopping_told = True
+            again = " (press Ctrl-C again to stop at once)" if p.by_signal else ""
             self._write(
-                f"wsbatch: stopping: no new submissions; finishing {p.in_flight} in flight "
-                "(press Ctrl-C again to stop at once)"
+                f"wsbatch: stopping ({p.stop_reason}): no new submissions; "
+                f"finishing {p.in_flight} in flight{again}"
             )
         if not self.enabled:
             return
@@ -380,6 +389,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 price=price,
                 grace=args.grace,
                 poll_floor=args.poll_floor,
+                log_file=args.log_file or ("-" if args.verbose else None),
                 shard=shard,
                 progress=view,
                 on_plan=show_plan,
@@ -465,9 +475,12 @@ def status_of(out_dir: Path) -> dict[str, Any]:
     if not ledgers:
         raise UsageError(f"{out_dir} has no ledger: not a wsbatch output folder")
     state = read_ledgers(ledgers, keep_last=False)
-    counts = {"completed": 0, "failed": 0, "in_flight": 0}
-    for row in state.rows.values():
-        counts[row.status.replace(" ", "_")] += 1
+    by_status = state.counts()
+    counts = {
+        "completed": by_status[RowStatus.COMPLETED],
+        "failed": by_status[RowStatus.FAILED],
+        "in_flight": by_status[RowStatus.IN_FLIGHT] + by_status[RowStatus.IN_DOUBT],
+    }
     last_run = state.runs[-1] if state.runs else {}
     total = max([int(r.get("manifest_rows") or r.get("rows") or 0) for r in state.runs] or [0])
     total = max(total, len(state.rows))
@@ -484,6 +497,8 @@ def status_of(out_dir: Path) -> dict[str, Any]:
         "spend_usd": round(state.spend, 4),
         "shards": len([p for p in ledgers if p.name != LEDGER_NAME]),
         "possible_duplicates": state.possible_duplicates,
+        # Submits sent with no outcome recorded (a kill): spend, settled by the next run.
+        "in_doubt": state.in_doubt,
         "runs": len(state.runs),
         "manifest": last_run.get("manifest"),
         "model": last_run.get("model"),

@@ -1,10 +1,12 @@
 """A local, WaveSpeedAI-compatible fake server for tests, demos and benchmarks.
 
-It speaks the v3 API (submit, result, both upload flows, balance, price, prediction
-list) on one loopback port and serves uploads and outputs from a second port, because
-the real service hands out CDN URLs on a different origin and a client must never send
-its key there. Everything that can go wrong against the real service can be injected
-through :class:`EmulatorConfig` (mutable at runtime) or scripted per endpoint kind.
+It speaks the v3 API (submit, sync-mode submit, result, both upload flows, balance, price,
+prediction list, billings, model catalogue) on one loopback port and serves uploads and
+outputs from a second port, because the real service hands out CDN URLs on a different
+origin and a client must never send its key there. By default it serves what the vendor
+documents, no more (no inputs in the listing, no Retry-After); kinder behaviour is a flag.
+Everything that can go wrong against the real service can be injected through
+:class:`EmulatorConfig` (mutable at runtime) or scripted per endpoint kind.
 
 This module imports nothing from the rest of ``batch`` so it can run on its own
 (``python -m batch.emulator``).
@@ -49,12 +51,16 @@ from PIL import Image, ImageDraw
 __all__ = [
     "API_FAULT_KINDS",
     "CDN_FAULT_KINDS",
+    "DEFAULT_MODEL",
     "FAULT_KINDS",
     "FAULT_NAMES",
+    "MODELS",
+    "SYNC_TIMEOUT_MESSAGE",
     "TASK_ERROR_MESSAGES",
     "Emulator",
     "EmulatorConfig",
     "EmulatorStats",
+    "ModelSpec",
     "Prediction",
     "RecordedRequest",
     "main",
@@ -64,6 +70,7 @@ __all__ = [
 ]
 
 Base64Style = Literal["bare", "data_uri", "mixed"]
+PriceShape = Literal["current", "legacy"]
 
 API_FAULT_KINDS = frozenset({"submit", "result", "upload", "account"})
 CDN_FAULT_KINDS = frozenset({"upload_put", "download"})
@@ -73,8 +80,10 @@ FAULT_KINDS = API_FAULT_KINDS | CDN_FAULT_KINDS
 DEFAULT_FAULT_ENDPOINTS = frozenset({"submit", "result", "upload", "upload_put", "download"})
 
 _COMMON_FAULTS = frozenset({"429", "500", "502", "503", "drop", "slow", "401", "403", "404"})
+# Submit faults that create (and bill) the task, then answer without a usable id.
+_LOST_ANSWER_FAULTS = frozenset({"html_after", "null_after", "accepted_after", "500_after"})
 FAULT_NAMES: dict[str, frozenset[str]] = {
-    "submit": _COMMON_FAULTS | {"drop_after"},
+    "submit": _COMMON_FAULTS | {"drop_after"} | _LOST_ANSWER_FAULTS,
     "result": _COMMON_FAULTS,
     "upload": _COMMON_FAULTS,
     "account": _COMMON_FAULTS,
@@ -93,6 +102,7 @@ TASK_ERROR_MESSAGES: dict[int, str] = {
     5003: "service temporarily unavailable",
     5004: "task timed out",
 }
+SYNC_TIMEOUT_MESSAGE = "Sync mode timed out"
 
 _ERROR_MESSAGES: dict[int, str] = {
     400: "Bad request",
@@ -122,26 +132,173 @@ _SAVE_OPTIONS: dict[str, dict[str, Any]] = {
 }
 _SEED_MAX = 2_147_483_647
 _MODEL_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_RESERVED_PREFIXES = ("predictions/", "media/", "model/")
+_RESERVED_PREFIXES = ("predictions/", "media/", "model/", "billings/")
+# GET endpoints: a POST there is a wrong method, never a submit to a model of that name.
+_GET_ONLY = frozenset({"balance", "models"})
 _MAX_FETCH_BYTES = 64 * 1024 * 1024
 _GARBAGE = b"<html><body>502 Bad Gateway (emulated garbage payload)</body></html>\n"
+_HTML_ANSWER = (
+    "<!DOCTYPE html><html><head><title>WaveSpeedAI</title></head>"
+    "<body><p>Request received.</p></body></html>\n"
+)
+_READ_CHUNK = 256 * 1024
+_LISTING_FIELDS = (
+    "id",
+    "model",
+    "outputs",
+    "urls",
+    "has_nsfw_contents",
+    "status",
+    "created_at",
+    "error",
+    "executionTime",
+    "timings",
+)
+DEFAULT_MODEL = "wavespeed-ai/hidream-e1-full"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One catalogue entry; ``request_schema`` is the JSON schema ``GET /models`` serves."""
+
+    model_id: str
+    name: str
+    description: str
+    type: str
+    request_schema: dict[str, Any]
+
+
+def _seed_schema() -> dict[str, Any]:
+    return {
+        "type": "integer",
+        "minimum": -1,
+        "maximum": _SEED_MAX,
+        "default": -1,
+        "description": "Random seed; -1 picks one at random.",
+    }
+
+
+def _flag_schema(description: str) -> dict[str, Any]:
+    return {"type": "boolean", "default": False, "description": description}
+
+
+_BASE64_DOC = "Return outputs as base64 instead of URLs."
+_SYNC_DOC = "Hold the submit until the task is done and answer its result."
+
+MODELS: dict[str, ModelSpec] = {
+    spec.model_id: spec
+    for spec in (
+        ModelSpec(
+            model_id=DEFAULT_MODEL,
+            name="HiDream-E1-Full",
+            description="Instruction-based image editing of one input image.",
+            type="image-to-image",
+            request_schema={
+                "type": "object",
+                "properties": {
+                    "prompt": {"type": "string", "minLength": 1, "description": "The edit."},
+                    "image": {"type": "string", "format": "uri", "description": "Input image."},
+                    "seed": _seed_schema(),
+                    "output_format": {
+                        "type": "string",
+                        "enum": list(_FORMATS),
+                        "default": "jpeg",
+                    },
+                    "enable_base64_output": _flag_schema(_BASE64_DOC),
+                    "enable_sync_mode": _flag_schema(_SYNC_DOC),
+                },
+                "required": ["prompt", "image"],
+                "x-order-properties": [
+                    "prompt",
+                    "image",
+                    "seed",
+                    "output_format",
+                    "enable_base64_output",
+                    "enable_sync_mode",
+                ],
+            },
+        ),
+        ModelSpec(
+            model_id="bytedance/seedream-v4/edit",
+            name="Seedream V4 Edit",
+            description="Multi-image editing: 1 to 10 reference images and a prompt.",
+            type="image-to-image",
+            request_schema={
+                "type": "object",
+                "properties": {
+                    "prompt": {"type": "string", "minLength": 1, "description": "The edit."},
+                    "images": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "uri"},
+                        "minItems": 1,
+                        "maxItems": 10,
+                        "description": "Input images.",
+                    },
+                    "size": {
+                        "type": "string",
+                        "pattern": "^[0-9]+\\*[0-9]+$",
+                        "default": "2048*2048",
+                        "description": "Output size as WIDTH*HEIGHT.",
+                    },
+                    "seed": _seed_schema(),
+                    "enable_base64_output": _flag_schema(_BASE64_DOC),
+                    "enable_sync_mode": _flag_schema(_SYNC_DOC),
+                },
+                "required": ["prompt", "images"],
+                "x-order-properties": [
+                    "prompt",
+                    "images",
+                    "size",
+                    "seed",
+                    "enable_base64_output",
+                    "enable_sync_mode",
+                ],
+            },
+        ),
+    )
+}
 
 
 @dataclass
 class EmulatorConfig:
-    """Behaviour knobs. Mutate fields at runtime; every request reads them afresh."""
+    """Behaviour knobs. Mutate fields at runtime; every request reads them afresh.
+
+    Defaults are what the vendor documents; anything kinder (listing inputs,
+    Retry-After) is opt-in so a client cannot come to depend on it by accident.
+    """
 
     api_key: str | None = None
+    # Task run time: uniform in (lo, hi), or lognormal (median seconds, sigma) when set.
     latency: tuple[float, float] = (0.0, 0.0)
+    latency_lognormal: tuple[float, float] | None = None
+    # Tasks beyond the cap queue ("created") until a slot frees.
     max_concurrent: int | None = None
+    # Sliding 60 s window of accepted generations.
     rate_per_minute: int | None = None
-    send_retry_after: bool = True
+    # Fixed windows of rate_window seconds, aligned to the emulator's start, as the vendor's.
+    rate_limit: int | None = None
+    rate_window: float = 60.0
+    # No Retry-After is documented for 429; when sent, scripted/random 429s use retry_after.
+    send_retry_after: bool = False
     retry_after: int | None = 1
     base64_style: Base64Style = "bare"
     outputs_per_task: int = 1
     balance: float = 100.0
+    # Price of one task for models not in model_prices.
     price: float = 0.024
+    model_prices: dict[str, float] = field(
+        default_factory=lambda: {"bytedance/seedream-v4/edit": 0.027}
+    )
+    price_shape: PriceShape = "current"
     enforce_balance: bool = False
+    # A failed task's charge comes back this many seconds after it failed.
+    refund_delay: float = 0.0
+    listing_inputs: bool = False
+    # A result poll of a younger prediction answers 404 (the vendor's store may lag).
+    visibility_delay: float = 0.0
+    sync_timeout: float = 90.0
+    # Every Nth completed output is flagged in has_nsfw_contents (0 = never).
+    nsfw_every: int = 0
     suspended: bool = False
     status_5004_while_processing: bool = False
     max_upload_bytes: int = 200 * 1024 * 1024
@@ -169,10 +326,22 @@ class RecordedRequest:
 
 @dataclass
 class EmulatorStats:
+    # Every created (and billed) task counts here, whatever its answer was.
     submits_accepted: int = 0
     submits_rejected: int = 0
+    # "drop_after": created, then the connection closed without an answer.
     submits_created_then_dropped: int = 0
+    # html_after / null_after / accepted_after / 500_after: created, answered without an id.
+    submits_created_unanswered: int = 0
     submits_dropped_before: int = 0
+    # Ids of every created (billed) task, in creation order; len() == submits_accepted.
+    created_ids: list[str] = field(default_factory=list)
+    refunded_ids: list[str] = field(default_factory=list)
+    sync_submits: int = 0
+    sync_timeouts: int = 0
+    # Result polls answered 404 because the task was younger than visibility_delay.
+    invisible_polls: int = 0
+    nsfw_outputs: int = 0
     rate_limited: int = 0
     upload_tickets: int = 0
     uploads: int = 0
@@ -211,9 +380,13 @@ class Prediction:
     start_mono: float
     finish_mono: float
     finish_wall: float
+    price: float = 0.0
+    sync: bool = False
     fail_code: int | None = None
     fail_message: str = ""
     deleted: bool = False
+    refunded_wall: float | None = None
+    nsfw: list[bool] = field(default_factory=list)
     first_completed_poll_mono: float | None = None
     first_completed_poll_wall: float | None = None
     outputs: list[bytes] | None = None
@@ -276,6 +449,33 @@ def _error(
 
 def _ok(data: Any) -> web.Response:
     return web.json_response({"code": 200, "message": "success", "data": data})
+
+
+def _lost_answer(fault: str) -> web.Response:
+    """A submit answer that carries no prediction id (the task may exist all the same)."""
+    if fault == "html_after":
+        return web.Response(status=200, text=_HTML_ANSWER, content_type="text/html")
+    if fault == "null_after":
+        return _ok(None)
+    if fault == "accepted_after":
+        return web.Response(status=202)
+    return _error(500)
+
+
+async def _read_whole(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """Read a body to its end, or None once it exceeds ``limit`` bytes.
+
+    ``StreamReader.read(n)`` answers whatever is buffered (up to n), not n bytes, so a
+    single call truncates any body that arrives in more than one TCP segment.
+    """
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := await stream.read(_READ_CHUNK):
+        total += len(chunk)
+        if total > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _iso(wall: float) -> str:
@@ -410,6 +610,13 @@ class Emulator:
         self._slots: list[float] = []
         self._slot_count: int | None = None
         self._window: deque[float] = deque()
+        # Fixed rate windows are numbered from here; start() resets it.
+        self.started_mono = time.monotonic()
+        self._fixed_window: tuple[float, int] = (0.0, -1)
+        self._fixed_count = 0
+        # Created tasks whose charge may still be refunded, oldest first.
+        self._unsettled: dict[str, Prediction] = {}
+        self._outputs_made = 0
         self._b64_counter = 0
         self._tickets: dict[str, _UploadTicket] = {}
         self._uploads: dict[str, _StoredFile] = {}
@@ -422,8 +629,10 @@ class Emulator:
 
     async def start(self, port: int = 0, cdn_port: int = 0) -> None:
         self.loop = asyncio.get_running_loop()
+        self.started_mono = time.monotonic()
         api_app = web.Application(middlewares=[self._api_middleware], client_max_size=64 * 2**20)
         api_app.router.add_get("/api/v3/balance", self._handle_balance)
+        api_app.router.add_get("/api/v3/models", self._handle_models)
         api_app.router.add_get("/api/v3/predictions/{id}/result", self._handle_result)
         api_app.router.add_post("/api/v3/{tail:.+}", self._handle_post)
         api_app.router.add_get("/_emulator/state", self._handle_state)
@@ -644,8 +853,14 @@ class Emulator:
             return await self._handle_upload_ticket(request)
         if tail == "media/upload/binary":
             return await self._handle_upload_binary(request)
-        if tail == "model/price":
+        if tail == "billings/search":
+            return await self._handle_billings(request)
+        # Only one of the two price paths exists at a time, as on the real service.
+        price_path = "model/price" if self.config.price_shape == "current" else "model/pricing"
+        if tail == price_path:
             return await self._handle_price(request)
+        if tail in _GET_ONLY:
+            return _error(405)
         if tail.startswith(_RESERVED_PREFIXES):
             return _error(404)
         segments = tail.split("/")
@@ -671,24 +886,45 @@ class Emulator:
             if fault == "drop_after":
                 self.stats.submits_dropped_before += 1
                 raise _Drop() from None
+            if fault in _LOST_ANSWER_FAULTS:
+                # The answer is mangled whatever it was; nothing was created here.
+                return _lost_answer(fault)
             raise
         if fault == "drop_after":
             # Created and billed, but the client never learns the id.
             self.stats.submits_created_then_dropped += 1
             raise _Drop()
+        if fault in _LOST_ANSWER_FAULTS:
+            self.stats.submits_created_unanswered += 1
+            return _lost_answer(fault)
+        if pred.sync:
+            return await self._sync_answer(pred)
         return _ok(self._prediction_data(pred, "created"))
+
+    async def _sync_answer(self, pred: Prediction) -> web.StreamResponse:
+        """Hold a sync-mode submit until the task ends or sync_timeout passes."""
+        self.stats.sync_submits += 1
+        deadline = pred.created_mono + max(0.0, self.config.sync_timeout)
+        wait = min(pred.finish_mono, deadline) - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        now = time.monotonic()
+        if now < pred.finish_mono:
+            # The vendor answers 200 "processing" with code 5004; the task goes on.
+            self.stats.sync_timeouts += 1
+            data = self._prediction_data(pred, "processing")
+            data["code"] = 5004
+            data["error"] = SYNC_TIMEOUT_MESSAGE
+            return _ok(data)
+        status = await self._current_status(pred, now)
+        if status == "completed" and pred.first_completed_poll_mono is None:
+            # The client learns of completion now, as it would from a poll.
+            pred.first_completed_poll_mono = now
+            pred.first_completed_poll_wall = time.time()
+        return _ok(self._prediction_data(pred, status))
 
     async def _create_prediction(self, request: web.Request, model: str) -> Prediction:
         cfg = self.config
-        now = time.monotonic()
-        if cfg.rate_per_minute is not None:
-            window = self._window
-            while window and window[0] <= now - 60.0:
-                window.popleft()
-            if len(window) >= cfg.rate_per_minute:
-                self.stats.rate_limited += 1
-                wait = math.ceil(window[0] + 60.0 - now) if window else 60
-                raise _Reply(_error(429, headers=self._retry_after_headers(max(1, wait))))
         body = await self._json_object(request)
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
@@ -709,16 +945,25 @@ class Emulator:
         b64 = body.get("enable_base64_output", False)
         if not isinstance(b64, bool):
             raise _Reply(_error(400, "Invalid request: 'enable_base64_output' must be a boolean"))
+        sync = body.get("enable_sync_mode", False)
+        if not isinstance(sync, bool):
+            raise _Reply(_error(400, "Invalid request: 'enable_sync_mode' must be a boolean"))
         if cfg.known_models is not None and model not in cfg.known_models:
             raise _Reply(_error(404, f"Model not found: {model}"))
-        if cfg.enforce_balance and cfg.balance < cfg.price:
-            raise _Reply(_error(402))
+
+        # From here to the task's creation nothing awaits, so concurrent submits cannot
+        # all pass the rate and balance checks before any of them is counted.
+        now = time.monotonic()
+        self._check_rate(now)
+        price = self._price_of(model)
+        if cfg.enforce_balance:
+            self._settle_refunds(now)
+            if cfg.balance < price:
+                raise _Reply(_error(402))
 
         if seed == -1:
             seed = self._rng.randint(0, _SEED_MAX)
-        lo, hi = cfg.latency
-        latency = self._rng.uniform(lo, hi) if hi > lo else max(0.0, lo)
-        start, finish = self._schedule(now, latency)
+        start, finish = self._schedule(now, self._draw_latency())
         wall = time.time()
         style: Literal["bare", "data_uri"] | None = None
         if b64:
@@ -742,16 +987,67 @@ class Emulator:
             start_mono=start,
             finish_mono=finish,
             finish_wall=wall + (finish - now),
+            price=price,
+            sync=sync,
         )
         failure = self._choose_failure()
         if failure is not None:
             self._mark_failed(pred, *failure)
         self.predictions[pred.id] = pred
-        if cfg.rate_per_minute is not None:
-            self._window.append(now)
-        cfg.balance = round(cfg.balance - cfg.price, 10)
+        self._count_generation(now)
+        cfg.balance = round(cfg.balance - price, 10)
+        self._unsettled[pred.id] = pred
         self.stats.submits_accepted += 1
+        self.stats.created_ids.append(pred.id)
         return pred
+
+    def _check_rate(self, now: float) -> None:
+        """Refuse with 429 when a sliding or fixed-window limit is used up."""
+        cfg = self.config
+        wait: float | None = None
+        if cfg.rate_per_minute is not None:
+            window = self._window
+            while window and window[0] <= now - 60.0:
+                window.popleft()
+            if len(window) >= cfg.rate_per_minute:
+                wait = window[0] + 60.0 - now if window else 60.0
+        if wait is None and cfg.rate_limit is not None:
+            self._sync_fixed_window(now)
+            if self._fixed_count >= cfg.rate_limit:
+                length, index = self._fixed_window
+                wait = self.started_mono + (index + 1) * length - now
+        if wait is not None:
+            self.stats.rate_limited += 1
+            headers = self._retry_after_headers(max(1, math.ceil(wait)))
+            raise _Reply(_error(429, headers=headers))
+
+    def _sync_fixed_window(self, now: float) -> None:
+        length = self.config.rate_window if self.config.rate_window > 0 else 60.0
+        current = (length, math.floor((now - self.started_mono) / length))
+        if current != self._fixed_window:
+            # A new window (or a new window length): the limit resets.
+            self._fixed_window = current
+            self._fixed_count = 0
+
+    def _count_generation(self, now: float) -> None:
+        # Counted whether or not a limit is set, so turning one on mid-window is exact.
+        if self.config.rate_per_minute is not None:
+            self._window.append(now)
+        self._sync_fixed_window(now)
+        self._fixed_count += 1
+
+    def _draw_latency(self) -> float:
+        cfg = self.config
+        if cfg.latency_lognormal is not None:
+            median, sigma = cfg.latency_lognormal
+            if median <= 0:
+                return 0.0
+            return self._rng.lognormvariate(math.log(median), max(0.0, sigma))
+        lo, hi = cfg.latency
+        return self._rng.uniform(lo, hi) if hi > lo else max(0.0, lo)
+
+    def _price_of(self, model: str) -> float:
+        return self.config.model_prices.get(model, self.config.price)
 
     def _schedule(self, now: float, latency: float) -> tuple[float, float]:
         cap = self.config.max_concurrent
@@ -802,7 +1098,7 @@ class Emulator:
         }
         if status == "completed" and pred.outputs is not None:
             data["outputs"] = self._render_outputs(pred)
-            data["has_nsfw_contents"] = [False] * len(pred.outputs)
+            data["has_nsfw_contents"] = list(pred.nsfw)
             data["timings"] = {"inference": pred.inference_ms}
         elif status == "failed":
             data["error"] = pred.fail_message
@@ -859,11 +1155,22 @@ class Emulator:
             return
         mime = _FORMATS[pred.output_format][1]
         names = [f"{pred.id}-{n}.{pred.output_format}" for n in range(len(outputs))]
+        pred.nsfw = self._nsfw_flags(pred, len(outputs))
         if pred.base64_style is None and not pred.deleted:
             for name, data in zip(names, outputs, strict=True):
                 self._outputs[name] = _StoredFile(name, data, mime)
         pred.output_names = names
         pred.outputs = outputs
+
+    def _nsfw_flags(self, pred: Prediction, n: int) -> list[bool]:
+        every = self.config.nsfw_every
+        by_prompt = "[nsfw]" in pred.prompt.lower()
+        flags: list[bool] = []
+        for _ in range(n):
+            self._outputs_made += 1
+            flags.append(by_prompt or (every > 0 and self._outputs_made % every == 0))
+        self.stats.nsfw_outputs += sum(flags)
+        return flags
 
     def _local_token(self, url: str, prefix: str) -> str | None:
         try:
@@ -898,12 +1205,9 @@ class Emulator:
             async with self._session.get(url) as resp:
                 if resp.status != 200:
                     return None
-                data = await resp.content.read(_MAX_FETCH_BYTES + 1)
+                return await _read_whole(resp.content, _MAX_FETCH_BYTES)
         except (TimeoutError, aiohttp.ClientError, ValueError):
             return None
-        if len(data) > _MAX_FETCH_BYTES:
-            return None
-        return data
 
     async def _handle_result(self, request: web.Request) -> web.StreamResponse:
         pid = request.match_info["id"]
@@ -915,6 +1219,9 @@ class Emulator:
             return _error(404, f"Prediction not found: {pid}")
         now = time.monotonic()
         wall = time.time()
+        if not self._visible(pred, now):
+            self.stats.invisible_polls += 1
+            return _error(404, f"Prediction not found: {pid}")
         status = await self._current_status(pred, now)
         if status == "completed" and pred.first_completed_poll_mono is None:
             pred.first_completed_poll_mono = now
@@ -936,13 +1243,55 @@ class Emulator:
                 "finish_wall": p.finish_wall,
                 "first_completed_poll_mono": p.first_completed_poll_mono,
                 "first_completed_poll_wall": p.first_completed_poll_wall,
+                "price": p.price,
+                "refunded": p.refunded_wall is not None,
             }
             for p in self.predictions.values()
         ]
-        return _ok({"stats": asdict(self.stats), "predictions": predictions})
+        return _ok(
+            {
+                "stats": asdict(self.stats),
+                # Every task ever created (billed), also those created before reset_stats.
+                "billed": len(self.predictions),
+                "predictions": predictions,
+            }
+        )
+
+    def _visible(self, pred: Prediction, now: float) -> bool:
+        return now - pred.created_mono >= self.config.visibility_delay
+
+    def _refund_due(self, pred: Prediction, now: float) -> bool:
+        return now >= pred.finish_mono + max(0.0, self.config.refund_delay)
+
+    def _settle_refunds(self, now: float) -> None:
+        """Refund known failures whose refund is due; drop tasks whose charge is final."""
+        for pid, pred in list(self._unsettled.items()):
+            if pred.fail_code is not None:
+                if self._refund_due(pred, now):
+                    del self._unsettled[pid]
+                    pred.refunded_wall = time.time()
+                    self.config.balance = round(self.config.balance + pred.price, 10)
+                    self.stats.refunded_ids.append(pid)
+            elif pred.outputs is not None:
+                del self._unsettled[pid]
+
+    async def _settle_account(self) -> None:
+        """Learn the outcome of ended tasks whose refund would be due, then settle."""
+        now = time.monotonic()
+        pending = [
+            p
+            for p in self._unsettled.values()
+            if p.fail_code is None and p.outputs is None and self._refund_due(p, now)
+        ]
+        if pending:
+            # An unfetchable input is only found out by generating; a client that never
+            # polled a failed task is refunded all the same.
+            await asyncio.gather(*(self._ensure_outputs(p) for p in pending))
+        self._settle_refunds(now)
 
     async def _handle_balance(self, request: web.Request) -> web.StreamResponse:
         await self._inject("account")
+        await self._settle_account()
         return _ok({"balance": round(self.config.balance, 6)})
 
     async def _handle_price(self, request: web.Request) -> web.StreamResponse:
@@ -951,32 +1300,96 @@ class Emulator:
         model_id = body.get("model_id")
         if not isinstance(model_id, str) or not model_id:
             return _error(400, "Invalid request: 'model_id' is required")
+        inputs = body.get("inputs")
+        if inputs is not None and not isinstance(inputs, dict):
+            return _error(400, "Invalid request: 'inputs' must be an object")
         known = self.config.known_models
         if known is not None and model_id not in known:
             return _error(404, f"Model not found: {model_id}")
-        return _ok({"model_id": model_id, "unit_price": self.config.price, "currency": "USD"})
+        price = self._price_of(model_id)
+        if self.config.price_shape == "legacy":
+            return _ok({"model_id": model_id, "unit_price": price, "currency": "USD"})
+        return _ok({"price": price, "discounted_price": price, "currency": "USD"})
+
+    async def _handle_models(self, request: web.Request) -> web.StreamResponse:
+        await self._inject("account")
+        known = self.config.known_models
+        models = [
+            {
+                "model_id": spec.model_id,
+                "name": spec.name,
+                "description": spec.description,
+                "type": spec.type,
+                "base_price": self._price_of(spec.model_id),
+                "api_schema": {
+                    "api_schemas": [
+                        {
+                            "type": "model_run",
+                            "method": "POST",
+                            "api_path": f"/api/v3/{spec.model_id}",
+                            "request_schema": spec.request_schema,
+                        }
+                    ]
+                },
+            }
+            for spec in MODELS.values()
+            if known is None or spec.model_id in known
+        ]
+        return _ok(models)
+
+    async def _handle_billings(self, request: web.Request) -> web.StreamResponse:
+        await self._inject("account")
+        body = await self._json_object(request)
+        page, page_size = _paging(body)
+        uuids = body.get("prediction_uuids")
+        if uuids is not None and (
+            not isinstance(uuids, list) or not all(isinstance(u, str) for u in uuids)
+        ):
+            return _error(400, "Invalid request: 'prediction_uuids' must be a list of strings")
+        after, before = _time_range(body)
+        await self._settle_account()
+        now = time.monotonic()
+        wanted = set(uuids) if uuids is not None else None
+        matching = [
+            pred
+            for pred in reversed(self.predictions.values())
+            if (wanted is None or pred.id in wanted)
+            and (after is None or pred.created_wall >= after)
+            and (before is None or pred.created_wall <= before)
+        ]
+        chosen = matching[(page - 1) * page_size : page * page_size]
+        items = []
+        for pred in chosen:
+            status = pred.clock_status(now)
+            if status == "completed" and pred.fail_code is not None:
+                status = "failed"
+            items.append(
+                {
+                    "prediction_id": pred.id,
+                    "model": pred.model,
+                    "amount": pred.price,
+                    "currency": "USD",
+                    "status": status,
+                    "created_at": _iso(pred.created_wall),
+                    "refunded": pred.refunded_wall is not None,
+                    "refunded_at": None if pred.refunded_wall is None else _iso(pred.refunded_wall),
+                }
+            )
+        return _ok({"page": page, "page_size": page_size, "total": len(matching), "items": items})
 
     async def _handle_list(self, request: web.Request) -> web.StreamResponse:
         await self._inject("account")
         body = await self._json_object(request)
-        page = body.get("page", 1)
-        page_size = body.get("page_size", 20)
-        for name, value in (("page", page), ("page_size", page_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                return _error(400, f"Invalid request: '{name}' must be a positive integer")
-        if page_size > 100:
-            return _error(400, "Invalid request: 'page_size' must be at most 100")
+        page, page_size = _paging(body)
         model = body.get("model")
         wanted = body.get("status")
-        try:
-            after = _parse_instant(body.get("created_after"))
-            before = _parse_instant(body.get("created_before"))
-        except ValueError as exc:
-            return _error(400, f"Invalid request: {exc}")
+        after, before = _time_range(body)
         now = time.monotonic()
         matching: list[Prediction] = []
         for pred in reversed(self.predictions.values()):
             if pred.deleted or (model and pred.model != model):
+                continue
+            if not self._visible(pred, now):
                 continue
             if after is not None and pred.created_wall < after:
                 continue
@@ -988,12 +1401,19 @@ class Emulator:
             matching = [p for p in matching if _status_matches(p.clock_status(now), wanted)]
         chosen = matching[(page - 1) * page_size : page * page_size]
         statuses = await asyncio.gather(*(self._current_status(p, now) for p in chosen))
-        items = []
-        for pred, status in zip(chosen, statuses, strict=True):
-            data = self._prediction_data(pred, status)
-            data["input"] = pred.body
-            items.append(data)
+        items = [
+            self._listing_item(pred, status) for pred, status in zip(chosen, statuses, strict=True)
+        ]
         return _ok({"page": page, "page_size": page_size, "total": len(matching), "items": items})
+
+    def _listing_item(self, pred: Prediction, status: str) -> dict[str, Any]:
+        """Exactly the documented listing fields; the submitted body only on request."""
+        data = self._prediction_data(pred, status)
+        item = {key: data[key] for key in _LISTING_FIELDS if key in data}
+        item["executionTime"] = pred.inference_ms if status in ("completed", "failed") else 0
+        if self.config.listing_inputs:
+            item["input"] = pred.body
+        return item
 
     async def _handle_upload_ticket(self, request: web.Request) -> web.StreamResponse:
         await self._inject("upload")
@@ -1050,7 +1470,7 @@ class Emulator:
                 continue
             chunks: list[bytes] = []
             total = 0
-            while chunk := await part.read_chunk(256 * 1024):
+            while chunk := await part.read_chunk(_READ_CHUNK):
                 total += len(chunk)
                 if total > limit:
                     return _error(413, f"File too large: limit is {limit} bytes")
@@ -1084,8 +1504,8 @@ class Emulator:
             return _error(403, "Forbidden: upload signature does not match")
         if _mime_base(request.headers.get("Content-Type")) != _mime_base(ticket.content_type):
             return _error(403, "Forbidden: Content-Type differs from the signed upload headers")
-        data = await request.content.read(ticket.size + 1)
-        if len(data) != ticket.size:
+        data = await _read_whole(request.content, ticket.size)
+        if data is None or len(data) != ticket.size:
             return _error(400, f"Body size does not match the announced size {ticket.size}")
         self._uploads[ticket.token] = _StoredFile(
             ticket.filename, data, _sniff_mime(data) or ticket.content_type
@@ -1117,6 +1537,24 @@ class Emulator:
             raise _Drop(resp)
         self.stats.downloads += 1
         return web.Response(body=stored.data, content_type=stored.content_type)
+
+
+def _paging(body: dict[str, Any]) -> tuple[int, int]:
+    page = body.get("page", 1)
+    page_size = body.get("page_size", 20)
+    for name, value in (("page", page), ("page_size", page_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _Reply(_error(400, f"Invalid request: '{name}' must be a positive integer"))
+    if page_size > 100:
+        raise _Reply(_error(400, "Invalid request: 'page_size' must be at most 100"))
+    return page, page_size
+
+
+def _time_range(body: dict[str, Any]) -> tuple[float | None, float | None]:
+    try:
+        return _parse_instant(body.get("created_after")), _parse_instant(body.get("created_before"))
+    except ValueError as exc:
+        raise _Reply(_error(400, f"Invalid request: {exc}")) from None
 
 
 def _status_matches(status: str, wanted: Any) -> bool:
@@ -1221,6 +1659,34 @@ def _parse_latency(text: str) -> tuple[float, float]:
     return values[0], values[1]
 
 
+def _parse_lognormal(text: str) -> tuple[float, float]:
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        median, sigma = (float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MEDIAN,SIGMA seconds, got {text!r}") from None
+    if median <= 0 or sigma < 0:
+        raise argparse.ArgumentTypeError(f"expected MEDIAN > 0 and SIGMA >= 0, got {text!r}")
+    return median, sigma
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
 def _probability(text: str) -> float:
     try:
         value = float(text)
@@ -1240,15 +1706,58 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=0, help="API port (0 = pick a free one)")
     parser.add_argument("--cdn-port", type=int, default=0, help="CDN port (0 = pick a free one)")
     parser.add_argument("--latency", type=_parse_latency, default=(0.0, 0.0), metavar="LO,HI")
+    parser.add_argument(
+        "--latency-lognormal",
+        type=_parse_lognormal,
+        default=None,
+        metavar="MEDIAN,SIGMA",
+        help="task run time drawn lognormally (overrides --latency)",
+    )
     parser.add_argument("--p-429", type=_probability, default=0.0)
     parser.add_argument("--p-5xx", type=_probability, default=0.0)
     parser.add_argument("--p-drop", type=_probability, default=0.0)
     parser.add_argument("--p-fail", type=_probability, default=0.0)
-    parser.add_argument("--rate-per-minute", type=int, default=None)
+    parser.add_argument(
+        "--rate-per-minute", type=int, default=None, help="sliding 60 s limit on generations"
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="N generations per fixed --rate-window (windows reset, as the vendor's)",
+    )
+    parser.add_argument("--rate-window", type=_positive, default=60.0, metavar="S")
     parser.add_argument("--max-concurrent", type=int, default=None)
     parser.add_argument("--base64-style", choices=("bare", "data_uri", "mixed"), default="bare")
     parser.add_argument("--outputs-per-task", type=int, default=1)
-    parser.add_argument("--retry-after", type=int, default=1)
+    parser.add_argument(
+        "--send-retry-after",
+        action="store_true",
+        help="send Retry-After on 429 (the vendor documents none)",
+    )
+    parser.add_argument(
+        "--retry-after", type=int, default=1, help="Retry-After seconds of injected 429s"
+    )
+    parser.add_argument(
+        "--listing-inputs",
+        action="store_true",
+        help="add each task's submitted body as 'input' to the predictions listing",
+    )
+    parser.add_argument(
+        "--visibility-delay",
+        type=_non_negative,
+        default=0.0,
+        metavar="S",
+        help="result polls of a task younger than S seconds answer 404",
+    )
+    parser.add_argument(
+        "--sync-timeout",
+        type=_non_negative,
+        default=90.0,
+        metavar="S",
+        help="a sync-mode submit answers 'processing' (code 5004) after S seconds",
+    )
     parser.add_argument("--balance", type=float, default=100.0)
     parser.add_argument("--price", type=float, default=0.024)
     parser.add_argument("--response-delay", type=float, default=0.0)
@@ -1272,8 +1781,15 @@ def main(argv: list[str] | None = None) -> int:
     config = EmulatorConfig(
         api_key=args.api_key,
         latency=args.latency,
+        latency_lognormal=args.latency_lognormal,
         max_concurrent=args.max_concurrent,
         rate_per_minute=args.rate_per_minute,
+        rate_limit=args.rate_limit,
+        rate_window=args.rate_window,
+        send_retry_after=args.send_retry_after,
+        listing_inputs=args.listing_inputs,
+        visibility_delay=args.visibility_delay,
+        sync_timeout=args.sync_timeout,
         base64_style=args.base64_style,
         outputs_per_task=args.outputs_per_task,
         retry_after=args.retry_after,

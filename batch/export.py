@@ -27,16 +27,16 @@ import os
 import re
 import stat
 import tarfile
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from batch.errors import BatchError, UsageError
+from batch.files import TEMP_PREFIX, TEMP_SUFFIX, atomic_file, write_atomic_sync
 from batch.images import extension, sniff_image
 from batch.ledger import ledger_paths, read_ledgers
-from batch.outputs import TEMP_PREFIX, TEMP_SUFFIX
+from batch.state import RowStatus
 
 log = logging.getLogger("wsbatch.export")
 
@@ -183,7 +183,7 @@ def _collect(out_dir: Path) -> list[_Pair]:
     )
     pairs: list[_Pair] = []
     for row_id, row in state.rows.items():
-        if row.event != "completed":
+        if row.status is not RowStatus.COMPLETED:
             continue
         event = row.last
         outputs = event.get("outputs")
@@ -329,7 +329,7 @@ def write_metadata(out_dir: Path) -> Path:
         }
         lines.append(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
     dest = out_dir / METADATA_NAME
-    _replace_file(dest, "".join(lines).encode("utf-8"))
+    write_atomic_sync(dest, "".join(lines).encode("utf-8"))
     split_named = [p.file_name for p in pairs if _SPLIT_WORD.search(p.file_name)]
     if split_named:
         log.warning(
@@ -341,21 +341,6 @@ def write_metadata(out_dir: Path) -> Path:
             out_dir,
         )
     return dest
-
-
-def _replace_file(dest: Path, data: bytes) -> None:
-    fd, temp = tempfile.mkstemp(dir=dest.parent, prefix=TEMP_PREFIX + dest.name, suffix=TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(temp, TAR_MODE)  # mkstemp makes 0600; the dataset is meant to be shared
-        os.replace(temp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
 
 
 # -- export: shared pieces ---------------------------------------------------------
@@ -449,18 +434,8 @@ def _open_for_write(fs: Any, path: str) -> Iterator[IO[bytes]]:
         # Same-folder temp + rename: the old file stays readable until the new one is whole.
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=parent, prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                yield fh
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(temp, TAR_MODE)
-            os.replace(temp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            raise
+        with atomic_file(Path(path), TAR_MODE) as fh:
+            yield fh
         return
     # Object stores publish a file when it is committed; without autocommit a failed
     # export aborts the upload instead of publishing a truncated shard.

@@ -12,147 +12,28 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from batch.bulk import gc_paused
+from batch.events import Event, decode
+from batch.events import encode as encode_event
+from batch.state import LedgerState, apply, merge_states
 
 LEDGER_NAME = "ledger.jsonl"
-TERMINAL_FAILURES = frozenset({"failed", "cancelled", "canceled", "timeout"})
 SHARD_LEDGER_GLOB = "ledger.shard-*.jsonl"
-DEFAULT_PRICE = 0.024
-UPLOAD_REUSE_SECONDS = 24 * 3600
 
 
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def parse_ts(value: Any) -> float | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-@dataclass(slots=True)
-class RowState:
-    """What the ledger knows of one row: its last event plus what resume needs."""
-
-    event: str
-    fingerprint: str | None = None
-    prediction_id: str | None = None
-    seed: int | None = None
-    outputs: list[str] = field(default_factory=list)
-    retryable: bool | None = None
-    task_status: str | None = None
-    error: str | None = None
-    code: int | str | None = None
-    submits: int = 0
-    submitted_at: str | None = None
-    ts: str | None = None
-    # The last event whole, for the report and the dataset files; resume does without it.
-    last: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def awaits_poll(self) -> bool:
-        """A live prediction the next run will poll (submitted, or failed before its end)."""
-        if self.event == "submitted":
-            return True
-        return (
-            self.event == "failed"
-            and bool(self.retryable)
-            and self.prediction_id is not None
-            and self.task_status not in TERMINAL_FAILURES
-        )
-
-    @property
-    def status(self) -> str:
-        """``completed``, ``failed`` or ``in flight``: what status and the report show."""
-        if self.event == "completed":
-            return "completed"
-        return "in flight" if self.awaits_poll else "failed"
-
-
-@dataclass(slots=True)
-class LedgerState:
-    rows: dict[str, RowState] = field(default_factory=dict)
-    # sha256 of an input -> (download_url, when, API base URL it was uploaded through)
-    uploads: dict[str, tuple[str, float, str]] = field(default_factory=dict)
-    runs: list[dict[str, Any]] = field(default_factory=list)
-    finished: list[dict[str, Any]] = field(default_factory=list)
-    possible_duplicates: int = 0
-    submits: int = 0
-    # spend: each submit at the price its run announced (the default when unknown)
-    price: float = DEFAULT_PRICE
-    spend: float = 0.0
-    corrupt_lines: int = 0
-    torn_tail: bool = False
-
-    def fresh_upload(self, sha256: str, now: float, base_url: str) -> str | None:
-        """A download_url for this input uploaded less than 24 h ago through the same API."""
-        entry = self.uploads.get(sha256)
-        if entry is None or now - entry[1] > UPLOAD_REUSE_SECONDS or entry[2] != base_url:
-            return None
-        return entry[0]
-
-
-def _apply(state: LedgerState, event: dict[str, Any], keep_last: bool = True) -> None:
-    kind = event.get("event")
-    row_id = event.get("row")
-    if kind == "run":
-        state.runs.append(event)
-        price = event.get("price")
-        if isinstance(price, int | float) and price >= 0:
-            state.price = float(price)
-        return
-    if kind == "finished":
-        state.finished.append(event)
-        return
-    if kind == "uploaded":
-        sha, url, ts = event.get("sha256"), event.get("download_url"), parse_ts(event.get("ts"))
-        base_url = event.get("base_url")
-        if isinstance(sha, str) and isinstance(url, str) and ts is not None:
-            state.uploads[sha] = (url, ts, base_url if isinstance(base_url, str) else "")
-        return
-    if not isinstance(row_id, str) or kind not in ("submitted", "completed", "failed"):
-        return  # unknown events are skipped so older readers survive newer writers
-    row = state.rows.get(row_id)
-    if row is None:
-        row = state.rows[row_id] = RowState(event=kind)
-    row.event = kind
-    row.ts = event.get("ts")
-    if keep_last:
-        row.last = event
-    if "fingerprint" in event:
-        row.fingerprint = event["fingerprint"]
-    if "prediction_id" in event:
-        row.prediction_id = event["prediction_id"]
-    if isinstance(event.get("seed"), int):
-        row.seed = event["seed"]
-    dupes = event.get("possible_duplicates", 0)
-    if isinstance(dupes, int) and not isinstance(dupes, bool):
-        state.possible_duplicates += dupes
-    if kind == "submitted":
-        row.submits += 1
-        row.submitted_at = event.get("ts")
-        state.submits += 1
-        state.spend += state.price
-        row.task_status = None
-        row.error = row.code = row.retryable = None
-    elif kind == "completed":
-        row.outputs = [o for o in event.get("outputs", []) if isinstance(o, str)]
-        row.task_status = "completed"
-        row.error = row.code = row.retryable = None
-    else:
-        row.error = event.get("error")
-        row.code = event.get("code")
-        row.retryable = bool(event.get("retryable"))
-        row.task_status = event.get("task_status")
+def _apply_record(state: LedgerState, record: dict[str, Any], keep_last: bool) -> None:
+    event = decode(record)
+    if event is not None:  # unknown events are skipped so older readers survive newer writers
+        apply(state, event, record, keep_last)
 
 
 CHUNK_BYTES = 1 << 20
@@ -223,8 +104,8 @@ def read_ledger(path: Path, *, keep_last: bool = True) -> tuple[LedgerState, int
     with gc_paused():
         for chunk_start, chunk_end, events in _chunks(data):
             if events is not None:  # the whole chunk parsed at once: the common case
-                for event in events:
-                    _apply(state, event, keep_last)
+                for record in events:
+                    _apply_record(state, record, keep_last)
                 state.corrupt_lines += pending_bad
                 pending_bad = 0
                 good_end = chunk_end
@@ -238,7 +119,7 @@ def read_ledger(path: Path, *, keep_last: bool = True) -> tuple[LedgerState, int
                     continue
                 state.corrupt_lines += pending_bad
                 pending_bad = 0
-                _apply(state, parsed, keep_last)
+                _apply_record(state, parsed, keep_last)
                 good_end = end
     state.torn_tail = good_end < len(data) and bool(data[good_end:].strip())
     return state, good_end
@@ -260,31 +141,6 @@ def read_ledgers(paths: list[Path], *, keep_last: bool = True) -> LedgerState:
     return merge_states([read_ledger(path, keep_last=keep_last)[0] for path in paths])
 
 
-def merge_states(states: list[LedgerState]) -> LedgerState:
-    """One view of several ledgers.
-
-    Shards hold disjoint rows, so a row's state comes from the one ledger that has it;
-    a row in several (an unsharded run, then shards) keeps its latest event by time.
-    """
-    if len(states) == 1:
-        return states[0]
-    merged = LedgerState()
-    for state in states:
-        for row_id, row in state.rows.items():
-            known = merged.rows.get(row_id)
-            if known is None or str(row.ts or "") >= str(known.ts or ""):
-                merged.rows[row_id] = row
-        merged.uploads.update(state.uploads)
-        merged.runs += state.runs
-        merged.finished += state.finished
-        merged.possible_duplicates += state.possible_duplicates
-        merged.submits += state.submits
-        merged.spend += state.spend
-        merged.corrupt_lines += state.corrupt_lines
-        merged.torn_tail = merged.torn_tail or state.torn_tail
-    return merged
-
-
 def cut_torn_tail(path: Path, good_end: int) -> bool:
     """Truncate what follows the last good line, so appends start on a clean line."""
     try:
@@ -299,8 +155,32 @@ def cut_torn_tail(path: Path, good_end: int) -> bool:
     return True
 
 
-def encode(event: dict[str, Any]) -> bytes:
-    return (json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+def encode(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+class LedgerTail:
+    """Another process's ledger, read as it grows: only whole new lines, each once."""
+
+    def __init__(self, path: Path, offset: int = 0) -> None:
+        self.path = path
+        self.offset = offset
+        self.state = LedgerState()
+
+    def refresh(self) -> LedgerState:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return self.state
+        end = data.rfind(b"\n") + 1
+        for _, line in _lines(data, 0, end):
+            parsed = _parse(line) if line.strip() else None
+            if parsed is not None:
+                _apply_record(self.state, parsed, False)
+        self.offset += end
+        return self.state
 
 
 @dataclass(slots=True)
@@ -313,13 +193,17 @@ class _Pending:
 class LedgerWriter:
     """Owns the ledger file; every other task hands it events.
 
+    With a ``state``, each event is applied to it the moment it is handed over, so
+    the run's view never lags behind what it has committed to write.
+
     ``write`` returns once the line is in the OS (survives kill -9);
-    ``write_durable`` also waits for fsync (survives power loss). Lines that
+    ``write(durable=True)`` also waits for fsync (survives power loss). Lines that
     arrive together share one write and at most one fsync.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, state: LedgerState | None = None) -> None:
         self.path = path
+        self.state = state
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._fd = -1
@@ -330,20 +214,20 @@ class LedgerWriter:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
 
-    def _submit(self, event: dict[str, Any], durable: bool) -> asyncio.Future[None]:
+    async def write(self, event: Event, *, durable: bool = False) -> dict[str, Any]:
+        """Write one event; return its record (the JSON object as written, with ``ts``).
+
+        Shielded: once handed over, the line is written even if the caller is cancelled.
+        """
         if self._task is None or self._task.done():
             raise RuntimeError("ledger writer is not running")
-        event = {"ts": utc_now(), **event}
+        record = {"ts": utc_now(), **encode_event(event)}
+        if self.state is not None:
+            apply(self.state, event, record)
         done = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(encode(event), durable, done))
-        return done
-
-    async def write(self, event: dict[str, Any]) -> None:
-        # Shielded: once handed over, the line is written even if the caller is cancelled.
-        await asyncio.shield(self._submit(event, durable=False))
-
-    async def write_durable(self, event: dict[str, Any]) -> None:
-        await asyncio.shield(self._submit(event, durable=True))
+        self._queue.put_nowait(_Pending(encode(record), durable, done))
+        await asyncio.shield(done)
+        return record
 
     async def _run(self) -> None:
         closing = False

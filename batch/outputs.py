@@ -1,18 +1,16 @@
-"""Output files: names from validated ids only, written atomically."""
+"""Output files: names from validated ids only, written atomically off the event loop."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 from pathlib import Path
 
 import aiofiles.os
 
+from batch.files import remove_temp_files, write_atomic_sync
 from batch.images import extension
 
-TEMP_PREFIX = ".wsbatch-"
-TEMP_SUFFIX = ".part"
+__all__ = ["existing_files", "output_names", "remove_temp_files", "write_atomic"]
 
 
 def output_names(row_id: str, output_format: str, count: int) -> list[str]:
@@ -22,52 +20,15 @@ def output_names(row_id: str, output_format: str, count: int) -> list[str]:
     return [f"{row_id}-{n}.{ext}" for n in range(1, count + 1)]
 
 
-def _write_atomic_sync(out_dir: Path, name: str, data: bytes) -> None:
-    temp = out_dir / f"{TEMP_PREFIX}{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
-    # O_EXCL|O_NOFOLLOW: never write through a symlink someone planted.
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # rename replaces a symlink at the final name rather than following it
-        os.replace(temp, out_dir / name)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
-        raise
-
-
-_write_atomic_in_thread = aiofiles.os.wrap(_write_atomic_sync)
+_write_in_thread = aiofiles.os.wrap(write_atomic_sync)
 
 
 async def write_atomic(out_dir: Path, name: str, data: bytes) -> None:
-    """Write ``data`` to ``out_dir/name`` so that the final name only ever holds whole files.
-
-    The whole file is written, fsync'ed and renamed in one trip to a worker
-    thread, so the event loop never blocks on the disk.
-    """
+    """Write ``data`` to ``out_dir/name``; the whole file is written, fsync'ed and renamed
+    in one trip to a worker thread."""
     if not name or "/" in name or os.sep in name or name.startswith("."):
         raise ValueError(f"refusing output name {name!r}")
-    await _write_atomic_in_thread(out_dir, name, data)
-
-
-def remove_temp_files(out_dir: Path) -> int:
-    """Delete temporary files a killed run left behind; return how many."""
-    removed = 0
-    try:
-        entries = list(os.scandir(out_dir))
-    except FileNotFoundError:
-        return 0
-    for entry in entries:
-        if entry.name.startswith(TEMP_PREFIX) and entry.name.endswith(TEMP_SUFFIX):
-            try:
-                os.unlink(entry.path)
-                removed += 1
-            except FileNotFoundError:
-                pass
-    return removed
+    await _write_in_thread(out_dir / name, data)
 
 
 def existing_files(out_dir: Path) -> set[str]:

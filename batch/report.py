@@ -13,10 +13,8 @@ is either a relative file path we build ourselves or an http(s) URL.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,13 +24,23 @@ from typing import Any
 from urllib.parse import quote
 
 from batch.errors import UsageError
-from batch.ledger import LedgerState, RowState, ledger_paths, parse_ts, read_ledgers
+from batch.files import write_atomic_sync
+from batch.ledger import ledger_paths, read_ledgers
+from batch.state import LedgerState, RowState, RowStatus, parse_ts
 
 REPORT_NAME = "report.html"
 # Failure groups list their rows inline; past this many, a count keeps the page small.
 GROUP_ROW_LIMIT = 50
 # Order of the rows table: what needs attention first.
-STATUS_ORDER = {"failed": 0, "in flight": 1, "completed": 2}
+STATUS_ORDER = {"failed": 0, "in flight": 1, "not started": 2, "completed": 3}
+# The report shows a submit in doubt as in flight: the next run settles it either way.
+STATUS_LABELS = {
+    RowStatus.COMPLETED: "completed",
+    RowStatus.FAILED: "failed",
+    RowStatus.IN_FLIGHT: "in flight",
+    RowStatus.IN_DOUBT: "in flight",
+    RowStatus.NOT_STARTED: "not started",
+}
 # Typographic marks as escapes: ruff flags the literal characters as look-alikes.
 DASH, MINUS, TIMES = "\u2013", "\u2212", "\u00d7"
 
@@ -49,24 +57,8 @@ def write_report(out_dir: Path, dest: Path | None = None) -> Path:
     dest = dest if dest is not None else out_dir / REPORT_NAME
     dest.parent.mkdir(parents=True, exist_ok=True)
     page = render_report(state, out_dir, dest.parent)
-    _write_atomic(dest, page.encode("utf-8"))
+    write_atomic_sync(dest, page.encode("utf-8"))
     return dest
-
-
-def _write_atomic(dest: Path, data: bytes) -> None:
-    # A browser (or a cron job copying the folder) never sees a half-written page.
-    fd, temp = tempfile.mkstemp(dir=dest.parent, prefix=".report-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(temp, 0o644)  # mkstemp makes 0600; the report is meant to be shared
-        os.replace(temp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
 
 
 # -- reading the ledger -------------------------------------------------------
@@ -107,7 +99,7 @@ def _text(value: Any) -> str:
 def _rows(state: LedgerState) -> list[_Row]:
     rows: list[_Row] = []
     for row_id, row in state.rows.items():
-        item = _Row(row_id, row.status, row)
+        item = _Row(row_id, STATUS_LABELS[row.status], row)
         if item.status != "in flight":
             start, end = parse_ts(row.submitted_at), parse_ts(row.last.get("ts"))
             if start is not None and end is not None and end >= start:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from batch.metrics import Metrics
+
+T = TypeVar("T")
 
 ZERO_BACKOFF_ENV = "WSBATCH_ZERO_BACKOFF"
 MAX_RETRY_AFTER = 600.0
@@ -31,6 +39,9 @@ class Backoff:
         return random.uniform(0.0, min(self.cap, self.base * 2.0 ** min(attempt, 30)))
 
 
+DEFAULT_BACKOFF = Backoff()
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
     if not value:
@@ -47,3 +58,50 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if when.tzinfo is None:
         return None
     return max(when.timestamp() - (time.time() if now is None else now), 0.0)
+
+
+class DeadlinePassed(Exception):
+    """The next try would start after the task's deadline."""
+
+
+async def retrying(
+    op: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    tries: int,
+    metrics: Metrics,
+    backoff: Backoff = DEFAULT_BACKOFF,
+    deadline: float | None = None,
+    retry_on: Callable[[Exception], bool] = lambda exc: bool(getattr(exc, "retryable", False)),
+    budgeted: Callable[[Exception], bool] = lambda exc: True,
+    wait_for: Callable[[Exception, int], float | None] = lambda exc, n: None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> T:
+    """Await ``op()`` until it succeeds; the one retry loop every request goes through.
+
+    An error that ``retry_on`` refuses is raised at once. ``budgeted`` errors count
+    against ``tries`` (retries after the first call); the others (a flaky network
+    while polling) only against ``deadline``. The wait is ``wait_for``'s when it
+    names one, else exponential backoff with full jitter that honours Retry-After.
+    A wait that would end past ``deadline`` raises ``DeadlinePassed`` instead.
+    """
+    failures = 0
+    streak = 0
+    while True:
+        try:
+            return await op()
+        except Exception as exc:
+            if not retry_on(exc):
+                raise
+            streak += 1
+            if budgeted(exc):
+                failures += 1
+                if failures > tries:
+                    raise
+            wait = wait_for(exc, streak)
+            if wait is None:
+                wait = backoff.delay(min(streak, 6) - 1, getattr(exc, "retry_after", None))
+            if deadline is not None and time.monotonic() + wait > deadline:
+                raise DeadlinePassed(f"{what}: {exc}") from exc
+            metrics.retry(what, str(exc)[:200], wait)
+            await sleep(wait)

@@ -1,9 +1,11 @@
 """Measure duplicate submissions across repeated kill -9 cycles against the emulator.
 
-    .venv/bin/python scripts/kill_cycles.py [--cycles 20] [--rows 300]
+    .venv/bin/python scripts/kill_cycles.py [--cycles 25] [--rows 300] [--concurrency 12]
 
 Starts a real `wsbatch run` subprocess, SIGKILLs it at a random moment, and repeats;
-then lets a last run finish and checks every row completed exactly once.
+then lets a last run finish and checks every row completed exactly once, and that the
+duplicates the server billed are no more than the ledger recorded (lost answers and
+submits in doubt at a kill).
 """
 
 from __future__ import annotations
@@ -27,16 +29,19 @@ KEY = "kill-cycles-key"
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--cycles", type=int, default=20)
+    parser.add_argument("--cycles", type=int, default=25)
     parser.add_argument("--rows", type=int, default=300)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=12)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     rng = random.Random(args.seed)
     env = {**os.environ, "WAVESPEED_API_KEY": KEY}
     with (
         tempfile.TemporaryDirectory() as tmp,
-        serve_in_thread(EmulatorConfig(api_key=KEY, latency=(0.2, 1.0), seed=args.seed)) as emu,
+        serve_in_thread(
+            # A little server time per request keeps the send-to-record window open.
+            EmulatorConfig(api_key=KEY, latency=(0.2, 1.0), seed=args.seed, response_delay=0.02)
+        ) as emu,
     ):
         root = Path(tmp)
         Image.new("RGB", (32, 32), (120, 30, 200)).save(root / "in.png")
@@ -74,21 +79,33 @@ def main() -> int:
             proc.wait()
         final = subprocess.run(cmd, env=env, capture_output=True, text=True)
         events = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
-        last = {e["row"]: e for e in events if "row" in e}
+        last = {e["row"]: e for e in events if e["event"] in ("submitted", "completed", "failed")}
+        status = subprocess.run(
+            [sys.executable, "-m", "batch", "status", str(out), "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        info = json.loads(status.stdout)
+        recorded_dupes = info["possible_duplicates"] + info["in_doubt"]
         completed = sum(1 for e in last.values() if e["event"] == "completed")
         ok_bytes = all(
             (out / e["outputs"][0]).read_bytes() == emu.output_bytes(e["prediction_id"])[0]
             for e in last.values()
             if e["event"] == "completed"
         )
-        duplicates = emu.stats.submits_accepted - args.rows
+        billed = emu.stats.submits_accepted
+        duplicates = billed - args.rows
         print(
-            f"kills: {kills}, final exit: {final.returncode}, rows: {args.rows}, "
-            f"completed: {completed}, outputs byte-exact: {ok_bytes}, "
-            f"ledger lines: {len(events)} (all parsed), submits accepted: "
-            f"{emu.stats.submits_accepted}, duplicate submissions: {duplicates}"
+            f"kills: {kills}, concurrency: {args.concurrency}, final exit: {final.returncode}, "
+            f"rows: {args.rows}, completed: {completed}, outputs byte-exact: {ok_bytes}, "
+            f"ledger lines: {len(events)} (all parsed), billed: {billed}, "
+            f"recorded with an id: {info['submits']}, duplicates billed: {duplicates}, "
+            f"duplicates recorded: {recorded_dupes}, "
+            f"spend recorded: ${info['spend_usd']:.3f} vs billed ${billed * 0.024:.3f}"
         )
-        return 0 if completed == args.rows and ok_bytes and duplicates <= kills else 1
+        money_ok = duplicates <= recorded_dupes and info["submits"] <= billed
+        return 0 if completed == args.rows and ok_bytes and money_ok else 1
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,7 @@ def read_ledger_lines(out: Path) -> list[dict[str, Any]]:
 class CLIResult:
     def __init__(self, code: int, out: str, err: str) -> None:
         self.code, self.out, self.err = code, out, err
+        self.summary: dict[str, Any] | None = None
 
 
 @pytest.fixture
@@ -127,3 +129,44 @@ def run_subprocess(*args: str, timeout: float = 60, **env: str) -> subprocess.Co
         env=subprocess_env(**env),
         stdin=subprocess.DEVNULL,
     )
+
+
+@pytest.fixture
+def run(cli: Callable[..., CLIResult], emulator: Emulator, tmp_path: Path) -> Callable[..., Any]:
+    """Run a manifest into tmp_path/out against the emulator; JSON summary parsed."""
+
+    def go(path: Path, *extra: str) -> CLIResult:
+        result = cli(
+            "run",
+            path,
+            "--base-url",
+            emulator.base_url,
+            "--out",
+            tmp_path / "out",
+            "--no-progress",
+            "--json",
+            *extra,
+        )
+        result.summary = json.loads(result.out) if result.out.strip().startswith("{") else None
+        return result
+
+    return go
+
+
+def last_events(out: Path) -> dict[str, dict[str, Any]]:
+    """Each row's last ledger line that decides its state (intents and refusals aside)."""
+    states = {}
+    for e in read_ledger_lines(out):
+        if "row" in e and e["event"] in ("submitted", "completed", "failed"):
+            states[e["row"]] = e
+    return states
+
+
+def age_submits(out: Path, seconds: float) -> None:
+    """Rewrite the ledger as if every submit was answered ``seconds`` ago."""
+    lines = read_ledger_lines(out)
+    old = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(time.time() - seconds))
+    for e in lines:
+        if e["event"] in ("submitted", "submitting"):
+            e["ts"] = old
+    (out / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))

@@ -34,6 +34,18 @@ from batch.emulator import (
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MODEL = "wavespeed-ai/hidream-e1-full"
+LISTING_FIELDS = {
+    "id",
+    "model",
+    "outputs",
+    "urls",
+    "has_nsfw_contents",
+    "status",
+    "created_at",
+    "error",
+    "executionTime",
+    "timings",
+}
 MAGIC = {
     "png": lambda b: b.startswith(b"\x89PNG\r\n\x1a\n"),
     "jpeg": lambda b: b.startswith(b"\xff\xd8\xff"),
@@ -352,16 +364,20 @@ async def test_submit_validation_names_the_field(
 
 @pytest.mark.asyncio
 async def test_scripted_429_carries_retry_after(emu: Emulator, http: aiohttp.ClientSession) -> None:
-    """A scripted 429 answers the envelope with Retry-After and creates nothing."""
+    """A scripted 429 creates nothing; Retry-After only when send_retry_after is on."""
     emu.config.retry_after = 3
-    emu.script("submit", "429")
+    emu.script("submit", "429", "429")
     body = {"prompt": "p", "image": "http://127.0.0.1:1/x.png"}
     async with http.post(f"{emu.base_url}/api/v3/{MODEL}", json=body, headers=AUTH) as resp:
         assert resp.status == 429
-        assert resp.headers["Retry-After"] == "3"
+        assert "Retry-After" not in resp.headers
         assert (await resp.json())["code"] == 429
+    emu.config.send_retry_after = True
+    async with http.post(f"{emu.base_url}/api/v3/{MODEL}", json=body, headers=AUTH) as resp:
+        assert resp.status == 429
+        assert resp.headers["Retry-After"] == "3"
     assert emu.predictions == {}
-    assert emu.stats.faults == {"submit:429": 1}
+    assert emu.stats.faults == {"submit:429": 2}
     await submit(http, emu, "http://127.0.0.1:1/x.png")
 
 
@@ -371,6 +387,7 @@ async def test_rate_per_minute_answers_429_with_retry_after(
 ) -> None:
     """Submits over the per-minute limit are refused with a Retry-After up to 60 s."""
     emu.config.rate_per_minute = 2
+    emu.config.send_retry_after = True
     await submit(http, emu, "http://127.0.0.1:1/a.png")
     await submit(http, emu, "http://127.0.0.1:1/b.png")
     body = {"prompt": "p", "image": "http://127.0.0.1:1/c.png"}
@@ -483,8 +500,8 @@ async def test_balance_price_and_insufficient_balance(
         f"{emu.base_url}/api/v3/model/price", json={"model_id": MODEL, "inputs": {}}, headers=AUTH
     ) as resp:
         price = (await resp.json())["data"]
-    assert price == {"model_id": MODEL, "unit_price": 0.024, "currency": "USD"}
-    await submit(http, emu, "http://127.0.0.1:1/x.png")
+    assert price == {"price": 0.024, "discounted_price": 0.024, "currency": "USD"}
+    await submit(http, emu, await upload(http, emu, make_png()))
     async with http.get(f"{emu.base_url}/api/v3/balance", headers=AUTH) as resp:
         assert (await resp.json())["data"]["balance"] == pytest.approx(100.0 - 0.024)
     emu.config.enforce_balance = True
@@ -499,12 +516,17 @@ async def test_balance_price_and_insufficient_balance(
 async def test_prediction_list_is_newest_first_with_inputs(
     emu: Emulator, http: aiohttp.ClientSession
 ) -> None:
-    """The list endpoint pages newest first and each item carries its submit body."""
+    """The list endpoint pages newest first; items carry the submit body only with the flag."""
     ids = [(await submit(http, emu, f"http://127.0.0.1:1/{i}.png"))["id"] for i in range(3)]
     query = {"page": 1, "page_size": 2, "model": MODEL}
     async with http.post(f"{emu.base_url}/api/v3/predictions", json=query, headers=AUTH) as resp:
         data = (await resp.json())["data"]
     assert data["total"] == 3 and [item["id"] for item in data["items"]] == ids[::-1][:2]
+    assert set(data["items"][0]) == LISTING_FIELDS
+    emu.config.listing_inputs = True
+    async with http.post(f"{emu.base_url}/api/v3/predictions", json=query, headers=AUTH) as resp:
+        data = (await resp.json())["data"]
+    assert set(data["items"][0]) == LISTING_FIELDS | {"input"}
     assert data["items"][0]["input"]["image"] == "http://127.0.0.1:1/2.png"
     query["page_size"] = 101
     async with http.post(f"{emu.base_url}/api/v3/predictions", json=query, headers=AUTH) as resp:
@@ -596,6 +618,391 @@ def test_cli_prints_its_url_and_stops_on_sigterm() -> None:
         )
         with urllib.request.urlopen(request, timeout=5) as resp:
             assert resp.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+async def post_submit(
+    http: aiohttp.ClientSession, emu: Emulator, body: dict[str, Any], model: str = MODEL
+) -> aiohttp.ClientResponse:
+    """POST a submit and read its body; the caller inspects status and payload."""
+    async with http.post(f"{emu.base_url}/api/v3/{model}", json=body, headers=AUTH) as resp:
+        await resp.read()
+        return resp
+
+
+async def api_json(
+    http: aiohttp.ClientSession, emu: Emulator, path: str, body: dict[str, Any] | None = None
+) -> tuple[int, Any]:
+    """GET (no body) or POST (JSON body) an API path; answers (HTTP status, envelope)."""
+    url = f"{emu.base_url}{path}"
+    method = (
+        http.get(url, headers=AUTH) if body is None else http.post(url, json=body, headers=AUTH)
+    )
+    async with method as resp:
+        return resp.status, await resp.json()
+
+
+async def sleep_into_next_window(emu: Emulator, window: float) -> None:
+    """Sleep until just after the next fixed rate-window boundary."""
+    elapsed = time.monotonic() - emu.started_mono
+    await asyncio.sleep(window - elapsed % window + 0.01)
+
+
+@pytest.mark.asyncio
+async def test_fixed_rate_window_counts_accepted_generations_and_resets(
+    emu: Emulator, http: aiohttp.ClientSession
+) -> None:
+    """rate_limit per fixed rate_window: 429 past the limit, only accepted submits count."""
+    emu.config.rate_limit = 2
+    emu.config.rate_window = 0.3
+    await sleep_into_next_window(emu, 0.3)
+    bad = await post_submit(http, emu, {"image": "http://127.0.0.1:1/x.png"})
+    assert bad.status == 400
+    ok = {"prompt": "p", "image": "http://127.0.0.1:1/x.png"}
+    assert [(await post_submit(http, emu, ok)).status for _ in range(3)] == [200, 200, 429]
+    limited = await post_submit(http, emu, ok)
+    assert limited.status == 429 and "Retry-After" not in limited.headers
+    emu.config.send_retry_after = True
+    limited = await post_submit(http, emu, ok)
+    assert limited.status == 429 and limited.headers["Retry-After"] == "1"
+    assert len(emu.predictions) == 2 and emu.stats.rate_limited == 3
+    await sleep_into_next_window(emu, 0.3)
+    assert (await post_submit(http, emu, ok)).status == 200
+    assert emu.stats.submits_accepted == 3
+
+
+@pytest.mark.asyncio
+async def test_lognormal_latency_is_seeded_and_spread(http: aiohttp.ClientSession) -> None:
+    """latency_lognormal draws run times from the seeded RNG: same seed, same times."""
+    runs: list[list[float]] = []
+    for _ in range(2):
+        config = EmulatorConfig(seed=11, latency_lognormal=(0.01, 0.5))
+        emulator = await start_emulator(config)
+        try:
+            for i in range(6):
+                body = {"prompt": "p", "image": "http://127.0.0.1:1/x.png", "seed": i}
+                async with http.post(
+                    f"{emulator.base_url}/api/v3/{MODEL}",
+                    json=body,
+                    headers={"Authorization": "Bearer k"},
+                ) as resp:
+                    assert resp.status == 200
+            runs.append([p.finish_mono - p.start_mono for p in emulator.predictions.values()])
+        finally:
+            await emulator.close()
+    assert runs[0] == pytest.approx(runs[1])
+    assert all(t > 0 for t in runs[0]) and len(set(runs[0])) == 6
+
+
+@pytest.mark.asyncio
+async def test_queued_task_is_created_then_processing_and_reports_run_time_only(
+    emu: Emulator, http: aiohttp.ClientSession
+) -> None:
+    """Past max_concurrent a task waits "created"; timings.inference excludes the queue."""
+    emu.config.max_concurrent = 1
+    emu.config.latency = (0.1, 0.1)
+    image = await upload(http, emu, make_png())
+    a = (await submit(http, emu, image))["id"]
+    b = (await submit(http, emu, image))["id"]
+    assert (await poll(http, emu, b))["status"] == "created"
+    await asyncio.sleep(max(0.0, emu.predictions[a].finish_mono - time.monotonic()) + 0.01)
+    assert (await poll(http, emu, b))["status"] == "processing"
+    done = await run_task_by_id(http, emu, b)
+    assert done["status"] == "completed"
+    assert done["timings"]["inference"] == 100
+    pred = emu.predictions[b]
+    assert pred.finish_mono - pred.created_mono >= 0.19
+
+
+async def run_task_by_id(http: aiohttp.ClientSession, emu: Emulator, pid: str) -> dict[str, Any]:
+    """Poll an existing prediction until it is terminal."""
+    for _ in range(200):
+        data = await poll(http, emu, pid)
+        if data["status"] in ("completed", "failed"):
+            return data
+        await asyncio.sleep(0.01)
+    raise AssertionError("task never finished")
+
+
+@pytest.mark.asyncio
+async def test_visibility_delay_hides_new_tasks_from_result_and_listing(
+    emu: Emulator, http: aiohttp.ClientSession
+) -> None:
+    """A task younger than visibility_delay answers 404 to a poll and is not listed."""
+    emu.config.visibility_delay = 0.2
+    pid = (await submit(http, emu, "http://127.0.0.1:1/x.png"))["id"]
+    status, envelope = await api_json(http, emu, f"/api/v3/predictions/{pid}/result")
+    assert status == 404 and envelope["code"] == 404
+    _, listing = await api_json(http, emu, "/api/v3/predictions", {"page": 1})
+    assert listing["data"]["total"] == 0
+    assert emu.stats.invisible_polls == 1
+    await asyncio.sleep(max(0.0, emu.predictions[pid].created_mono + 0.2 - time.monotonic()))
+    assert (await poll(http, emu, pid))["id"] == pid
+
+
+@pytest.mark.asyncio
+async def test_submit_answers_without_an_id_still_create_and_bill(
+    emu: Emulator, http: aiohttp.ClientSession
+) -> None:
+    """html/null/202/500 "_after" faults create and bill the task; stats and state show it."""
+    emu.script("submit", "html_after", "null_after", "accepted_after", "500_after", "html_after")
+    body = {"prompt": "p", "image": "http://127.0.0.1:1/x.png"}
+    url = f"{emu.base_url}/api/v3/{MODEL}"
+    async with http.post(url, json=body, headers=AUTH) as resp:
+        assert resp.status == 200 and resp.content_type == "text/html"
+        assert "<html" in await resp.text()
+    async with http.post(url, json=body, headers=AUTH) as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"code": 200, "message": "success", "data": None}
+    async with http.post(url, json=body, headers=AUTH) as resp:
+        assert resp.status == 202 and await resp.read() == b""
+    async with http.post(url, json=body, headers=AUTH) as resp:
+        assert resp.status == 500 and (await resp.json())["code"] == 500
+    # A refused submit is mangled the same way but creates nothing.
+    async with http.post(url, json={"prompt": "p"}, headers=AUTH) as resp:
+        assert resp.status == 200 and resp.content_type == "text/html"
+    ids = list(emu.predictions)
+    assert len(ids) == 4
+    assert emu.stats.submits_created_unanswered == 4
+    assert emu.stats.created_ids == ids and emu.stats.submits_accepted == 4
+    assert emu.config.balance == pytest.approx(100.0 - 4 * 0.024)
+    _, state = await api_json(http, emu, "/_emulator/state")
+    assert state["data"]["billed"] == 4
+    assert state["data"]["stats"]["created_ids"] == ids
+
+
+@pytest.mark.asyncio
+async def test_sync_mode_holds_the_submit_until_the_task_ends(
+    emu: Emulator, http: aiohttp.ClientSession
+) -> None:
+    """enable_sync_mode answers the finished task: completed with outputs, or failed."""
+    emu.config.latency = (0.05, 0.05)
+    image = await upload(http, emu, make_png())
+    started = time.monotonic()
+    data = await submit(http, emu, image, enable_sync_mode=True, output_format="png")
+    assert time.monotonic() - started >= 0.05
+    assert data["status"] == "completed" and data["has_nsfw_contents"] == [False]
+    assert MAGIC["png"](await fetch(http, data["outputs"][0]))
+    emu.fail_next_tasks(1200, "flagged")
+    failed = await submit(http, emu, image, enable_sync_mode=True)
+    assert (failed["status"], failed["code"], failed["error"]) == ("failed", 1200, "flagged")
+    bad = await post_submit(http, emu, {"prompt": "p", "image": image, "enable_sync_mode": "yes"})
+    assert bad.status == 400
+    assert emu.stats.sync_submits == 2 and emu.stats.sync_timeouts == 0
+
+
+@pytest.mark.asyncio
+async def test_sync_mode_timeout_answers_processing_5004_and_the_task_goes_on(
+    emu: Emulator, http: aiohttp.ClientSession
+) -> None:
+    """After sync_timeout a sync submit answers 200 "processing" with code 5004."""
+    emu.config.sync_timeout = 0.05
+    emu.config.latency = (1.0, 1.0)
+    started = time.monotonic()
+    data = await submit(http, emu, "http://127.0.0.1:1/x.png", enable_sync_mode=True)
+    assert 0.05 <= time.monotonic() - started < 0.9
+    assert (data["status"], data["code"]) == ("processing", 5004)
+    assert "Sync mode timed out" in data["error"]
+    assert (await poll(http, emu, data["id"]))["status"] == "processing"
+    assert emu.stats.sync_timeouts == 1
+
+
+@pytest.mark.asyncio
+async def test_price_shapes_and_per_model_prices(
+    emu: Emulator, http: aiohttp.ClientSession
+) -> None:
+    """model/price answers the current shape; legacy moves to model/pricing with unit_price."""
+    seedream = "bytedance/seedream-v4/edit"
+    emu.config.model_prices[MODEL] = 0.05
+    status, envelope = await api_json(http, emu, "/api/v3/model/price", {"model_id": seedream})
+    assert status == 200
+    assert envelope["data"] == {"price": 0.027, "discounted_price": 0.027, "currency": "USD"}
+    _, envelope = await api_json(http, emu, "/api/v3/model/price", {"model_id": MODEL})
+    assert envelope["data"]["price"] == 0.05
+    status, _ = await api_json(http, emu, "/api/v3/model/pricing", {"model_id": MODEL})
+    assert status == 404
+    emu.config.price_shape = "legacy"
+    status, envelope = await api_json(http, emu, "/api/v3/model/pricing", {"model_id": MODEL})
+    assert envelope["data"] == {"model_id": MODEL, "unit_price": 0.05, "currency": "USD"}
+    status, _ = await api_json(http, emu, "/api/v3/model/price", {"model_id": MODEL})
+    assert status == 404
+    await submit_to(http, emu, seedream)
+    assert emu.config.balance == pytest.approx(100.0 - 0.027)
+
+
+async def submit_to(http: aiohttp.ClientSession, emu: Emulator, model: str) -> str:
+    """Submit a minimal valid body to ``model``; answers the prediction id."""
+    body = {"prompt": "p", "image": "http://127.0.0.1:1/x.png"}
+    async with http.post(f"{emu.base_url}/api/v3/{model}", json=body, headers=AUTH) as resp:
+        assert resp.status == 200
+        pid: str = (await resp.json())["data"]["id"]
+    return pid
+
+
+@pytest.mark.asyncio
+async def test_enforced_balance_refuses_what_it_cannot_cover(
+    emu: Emulator, http: aiohttp.ClientSession
+) -> None:
+    """With enforce_balance a submit the balance cannot cover is 402 and creates nothing."""
+    emu.config.enforce_balance = True
+    emu.config.balance = 0.05
+    await submit_to(http, emu, MODEL)
+    emu.fail_next_tasks(1401, "invalid parameter")
+    await submit_to(http, emu, MODEL)
+    emu.config.refund_delay = 60.0
+    refused = await post_submit(http, emu, {"prompt": "p", "image": "http://127.0.0.1:1/x.png"})
+    assert refused.status == 402
+    assert len(emu.predictions) == 2 and emu.stats.submits_rejected == 1
+    _, envelope = await api_json(http, emu, "/api/v3/balance")
+    assert envelope["data"]["balance"] == pytest.approx(0.002)
+    # Once the failed task's refund is due, its charge covers the next submit.
+    emu.config.refund_delay = 0.0
+    await submit_to(http, emu, MODEL)
+    assert emu.config.balance == pytest.approx(0.002)
+
+
+@pytest.mark.asyncio
+async def test_failed_tasks_are_refunded_after_refund_delay_and_billings_show_it(
+    emu: Emulator, http: aiohttp.ClientSession
+) -> None:
+    """billings/search lists each charge; failed ones, polled or not, refund after the delay."""
+    emu.config.refund_delay = 0.2
+    image = await upload(http, emu, make_png())
+    ok = (await run_task(http, emu, image))["id"]
+    emu.fail_next_tasks(1200, "flagged")
+    flagged = (await run_task(http, emu, image))["id"]
+    unfetchable = await submit_to(http, emu, MODEL)  # fails 1402, never polled
+    query: dict[str, Any] = {"prediction_uuids": [ok, flagged, unfetchable], "page_size": 10}
+    _, envelope = await api_json(http, emu, "/api/v3/billings/search", query)
+    items = envelope["data"]["items"]
+    assert [i["prediction_id"] for i in items] == [unfetchable, flagged, ok]
+    assert [(i["amount"], i["refunded"]) for i in items] == [(0.024, False)] * 3
+    _, envelope = await api_json(http, emu, "/api/v3/balance")
+    assert envelope["data"]["balance"] == pytest.approx(100.0 - 3 * 0.024)
+    await asyncio.sleep(max(0.0, emu.predictions[unfetchable].finish_mono + 0.2 - time.monotonic()))
+    _, envelope = await api_json(http, emu, "/api/v3/balance")
+    assert envelope["data"]["balance"] == pytest.approx(100.0 - 0.024)
+    _, envelope = await api_json(http, emu, "/api/v3/billings/search", query)
+    by_id = {i["prediction_id"]: i for i in envelope["data"]["items"]}
+    assert (by_id[ok]["status"], by_id[ok]["refunded"]) == ("completed", False)
+    assert (by_id[flagged]["status"], by_id[flagged]["refunded"]) == ("failed", True)
+    assert (by_id[unfetchable]["status"], by_id[unfetchable]["refunded"]) == ("failed", True)
+    assert set(emu.stats.refunded_ids) == {flagged, unfetchable}
+    _, envelope = await api_json(http, emu, "/api/v3/billings/search", {"prediction_uuids": [ok]})
+    assert envelope["data"]["total"] == 1
+    later = {"created_after": time.time() + 60}
+    _, envelope = await api_json(http, emu, "/api/v3/billings/search", later)
+    assert envelope["data"]["items"] == []
+
+
+@pytest.mark.asyncio
+async def test_models_catalogue_serves_prices_and_request_schemas(
+    emu: Emulator, http: aiohttp.ClientSession
+) -> None:
+    """GET /models lists base_price and api_schema.api_schemas[0].request_schema per model."""
+    status, envelope = await api_json(http, emu, "/api/v3/models")
+    assert status == 200
+    models = {m["model_id"]: m for m in envelope["data"]}
+    hidream = models[MODEL]
+    assert hidream["base_price"] == 0.024
+    schema = hidream["api_schema"]["api_schemas"][0]["request_schema"]
+    assert schema["required"] == ["prompt", "image"]
+    assert {
+        "prompt",
+        "image",
+        "seed",
+        "output_format",
+        "enable_base64_output",
+        "enable_sync_mode",
+    } <= set(schema["properties"])
+    assert schema["properties"]["output_format"]["enum"] == ["jpeg", "png", "webp"]
+    seedream = models["bytedance/seedream-v4/edit"]
+    assert seedream["base_price"] == 0.027
+    images = seedream["api_schema"]["api_schemas"][0]["request_schema"]["properties"]["images"]
+    assert (images["type"], images["minItems"], images["maxItems"]) == ("array", 1, 10)
+    status, _ = await api_json(http, emu, "/api/v3/models", {})
+    assert status == 405 and emu.predictions == {}
+
+
+@pytest.mark.asyncio
+async def test_nsfw_flags_every_nth_output_or_a_marked_prompt(
+    emu: Emulator, http: aiohttp.ClientSession
+) -> None:
+    """nsfw_every flags every Nth completed output; "[nsfw]" in a prompt flags all its outputs."""
+    emu.config.nsfw_every = 2
+    image = await upload(http, emu, make_png())
+    flags = [(await run_task(http, emu, image))["has_nsfw_contents"] for _ in range(4)]
+    assert flags == [[False], [True], [False], [True]]
+    emu.config.nsfw_every = 0
+    marked = await run_task(http, emu, image, prompt="[NSFW] a red hat")
+    assert marked["has_nsfw_contents"] == [True] and len(marked["outputs"]) == 1
+    assert emu.stats.nsfw_outputs == 3
+
+
+@pytest.mark.asyncio
+async def test_forty_concurrent_300kb_uploads_through_both_flows(
+    emu: Emulator, http: aiohttp.ClientSession
+) -> None:
+    """Upload bodies are read whole: 40 concurrent ~300 KB uploads per flow all round-trip."""
+    blobs = [os.urandom(300_000 + i) for i in range(40)]
+
+    async def binary(data: bytes, i: int) -> str:
+        form = aiohttp.FormData()
+        form.add_field("file", data, filename=f"{i}.png", content_type="image/png")
+        async with http.post(
+            f"{emu.base_url}/api/v3/media/upload/binary", data=form, headers=AUTH
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            url: str = (await resp.json())["data"]["download_url"]
+        return url
+
+    ticketed = await asyncio.gather(*(upload(http, emu, data) for data in blobs))
+    multipart = await asyncio.gather(*(binary(data, i) for i, data in enumerate(blobs)))
+    for urls in (ticketed, multipart):
+        fetched = await asyncio.gather(*(fetch(http, url) for url in urls))
+        assert fetched == blobs
+    assert emu.stats.uploads == 80
+
+
+def test_cli_flags_reach_the_config() -> None:
+    """The new CLI flags (Retry-After, fixed windows, listing inputs) configure the server."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "WAVESPEED_API_KEY": "cli-key"}
+    args = ["--port", "0", "--send-retry-after", "--retry-after", "7", "--rate-limit", "1"]
+    args += ["--rate-window", "600", "--listing-inputs", "--latency-lognormal", "0.01,0.1"]
+    args += ["--visibility-delay", "0", "--sync-timeout", "5"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batch.emulator", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=root,
+    )
+    try:
+        assert proc.stdout is not None
+        base = proc.stdout.readline().split()[4]
+        auth = {"Authorization": "Bearer cli-key", "Content-Type": "application/json"}
+        body = json.dumps({"prompt": "p", "image": "http://127.0.0.1:1/x.png"}).encode()
+        submit_url = f"{base}/api/v3/{MODEL}"
+        with urllib.request.urlopen(
+            urllib.request.Request(submit_url, data=body, headers=auth), timeout=5
+        ) as resp:
+            assert resp.status == 200
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(urllib.request.Request(submit_url, data=body, headers=auth))
+        assert info.value.code == 429 and 1 <= int(info.value.headers["Retry-After"]) <= 600
+        info.value.close()
+        listing = urllib.request.Request(f"{base}/api/v3/predictions", data=b"{}", headers=auth)
+        with urllib.request.urlopen(listing, timeout=5) as resp:
+            [item] = json.load(resp)["data"]["items"]
+        assert item["input"]["prompt"] == "p"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     finally:

@@ -3,50 +3,19 @@
 from __future__ import annotations
 
 import itertools
-import json
 import time
 
 import pytest
 
 from batch.limits import SubmitLimiter
 from batch.retry import Backoff, parse_retry_after
-from tests.conftest import API_KEY, read_ledger_lines, simple_rows
+from tests.conftest import API_KEY, last_events, read_ledger_lines, simple_rows
 
 
 @pytest.fixture
 def manifest(images, write_manifest):
     """Six rows over the four test images."""
     return write_manifest(simple_rows(images, 6))
-
-
-@pytest.fixture
-def run(cli, emulator, tmp_path):
-    """Run a manifest into tmp_path/out against the emulator; JSON summary parsed."""
-
-    def go(path, *extra):
-        result = cli(
-            "run",
-            path,
-            "--base-url",
-            emulator.base_url,
-            "--out",
-            tmp_path / "out",
-            "--no-progress",
-            "--json",
-            *extra,
-        )
-        result.summary = json.loads(result.out) if result.out.strip().startswith("{") else None
-        return result
-
-    return go
-
-
-def last_events(out):
-    states = {}
-    for e in read_ledger_lines(out):
-        if "row" in e:
-            states[e["row"]] = e
-    return states
 
 
 def submit_times(emulator):
@@ -106,6 +75,7 @@ def test_auth_failure_mid_run_leaves_in_flight_rows_resumable(run, manifest, emu
 def test_retry_after_on_429_pauses_every_worker(run, images, write_manifest, emulator):
     """After a 429 with Retry-After: 1, no new submit leaves from any worker for a second."""
     emulator.config.retry_after = 1
+    emulator.config.send_retry_after = True
     emulator.script("submit", "429")
     path = write_manifest(simple_rows(images, 6))
     started = time.monotonic()
@@ -152,6 +122,7 @@ def test_server_errors_and_drops_on_poll_and_download_are_retried(run, manifest,
 
 def test_submit_answer_lost_after_creation_is_reconciled(run, manifest, emulator):
     """A submit whose answer was lost after the task was created adopts that task, not a copy."""
+    emulator.config.listing_inputs = True
     emulator.script("submit", "drop_after")
     result = run(manifest)
     assert result.code == 0
@@ -166,8 +137,8 @@ def test_submit_with_unknown_outcome_is_retried_and_counted(run, manifest, emula
     result = run(manifest)
     assert result.code == 0
     assert result.summary["possible_duplicates"] == 2
-    flagged = [e for e in read_ledger_lines(tmp_path / "out") if e.get("possible_duplicates")]
-    assert sum(e["possible_duplicates"] for e in flagged) == 2
+    lost = [e for e in read_ledger_lines(tmp_path / "out") if e["event"] == "submit_unknown"]
+    assert len(lost) == 2
 
 
 def test_garbage_download_is_retried_then_recovered(run, manifest, emulator):
@@ -179,11 +150,13 @@ def test_garbage_download_is_retried_then_recovered(run, manifest, emulator):
 
 
 def test_persistently_bad_download_fails_then_next_run_refetches(run, manifest, emulator):
-    """Bad bytes past --retries fail the row retryably; the next run re-downloads, no resubmit."""
+    """Bad bytes past --retries end the attempt with the prediction kept (in flight, counted
+    as a failure cause); the next run re-downloads, no resubmit."""
     emulator.script("download", *["garbage"] * 3)
     first = run(manifest, "--retries", "2", "--concurrency", "1")
     assert first.code == 1
-    assert first.summary["failed"] == 1
+    assert first.summary["in_flight"] == 1 and first.summary["failed"] == 0
+    assert any(cause.startswith("output") for cause in first.summary["failures"])
     again = run(manifest)
     assert again.code == 0 and again.summary["submitted"] == 0
 
@@ -214,7 +187,14 @@ def test_transient_task_failure_is_resubmitted_within_the_run(run, manifest, emu
     assert result.code == 0
     assert emulator.stats.submits_accepted == 7
     events = [e["event"] for e in read_ledger_lines(tmp_path / "out") if e.get("row") == "row-0000"]
-    assert events == ["submitted", "failed", "submitted", "completed"]
+    assert events == [
+        "submitting",
+        "submitted",
+        "failed",
+        "submitting",
+        "submitted",
+        "completed",
+    ]
 
 
 def test_refused_submit_fails_only_that_row(run, manifest, emulator):
@@ -249,6 +229,8 @@ def test_five_hundred_rows_under_a_storm_of_faults(run, images, write_manifest, 
     """10% 429, 8% 5xx, 4% drops, 5% failed tasks: exactly the failed tasks fail, rerun is idle."""
     cfg = emulator.config
     cfg.p_429, cfg.p_5xx, cfg.p_drop, cfg.p_fail_task = 0.10, 0.08, 0.04, 0.05
+    cfg.listing_inputs = True
+    cfg.send_retry_after = True
     cfg.fail_codes = [1200, 1401, 1402]
     cfg.retry_after = 0
     path = write_manifest(simple_rows(images, 500))

@@ -8,7 +8,9 @@ import json
 import pytest
 
 import batch.ledger as ledger_module
+from batch.events import Finished
 from batch.ledger import LedgerWriter, cut_torn_tail, read_ledger
+from batch.state import RowStatus
 
 
 def events(n: int) -> list[dict]:
@@ -64,8 +66,10 @@ def test_writer_batches_lines_and_fsyncs_only_durable_ones(tmp_path):
     async def go() -> LedgerWriter:
         writer = LedgerWriter(tmp_path / "ledger.jsonl")
         await writer.start()
-        await asyncio.gather(*(writer.write({"event": "x", "n": i}) for i in range(50)))
-        await asyncio.gather(*(writer.write_durable({"event": "y", "n": i}) for i in range(50)))
+        await asyncio.gather(*(writer.write(Finished(f"x{i}", {})) for i in range(50)))
+        await asyncio.gather(
+            *(writer.write(Finished(f"y{i}", {}), durable=True) for i in range(50))
+        )
         await writer.close()
         return writer
 
@@ -87,4 +91,8 @@ def test_row_status_follows_the_resume_rule(tmp_path):
     ]  # fmt: skip
     path.write_text("".join(json.dumps({"ts": "t", **r}) + "\n" for r in rows))
     state, _ = read_ledger(path)
-    assert [state.rows[r].status for r in "abc"] == ["in flight", "failed", "completed"]
+    assert [state.rows[r].status for r in "abc"] == [
+        RowStatus.IN_FLIGHT,
+        RowStatus.FAILED,
+        RowStatus.COMPLETED,
+    ]

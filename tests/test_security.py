@@ -21,6 +21,7 @@ def test_key_appears_nowhere_but_api_requests(emulator, images, write_manifest, 
     cfg = emulator.config
     cfg.p_429, cfg.p_5xx, cfg.p_drop, cfg.p_fail_task = 0.1, 0.1, 0.05, 0.1
     cfg.retry_after = 0
+    cfg.send_retry_after = True
     emulator.fail_next_tasks(1401, f"invalid parameter: {API_KEY}")
     path = write_manifest(simple_rows(images, 30))
     out = tmp_path / "out"

@@ -1,0 +1,367 @@
+"""The ledger's events: every row fact wsbatch records, typed and frozen.
+
+The ledger is a public interface that users parse, so the names here are the
+JSON names: documented events and fields stay (add, never rename), and
+``SCHEMA`` in the ``run`` event says which version wrote a file. Readers skip
+unknown events and unknown keys; ``decode`` turns one parsed JSON object into
+an event, or None when it is not one this version knows.
+
+A submit's life in the ledger::
+
+    submitting (durable intent, before the request leaves)
+      -> submitted        the answer carried a prediction id: billed, followed by id
+      -> submit_refused   the server refused it: nothing created, nothing billed
+      -> submit_unknown   sent, no usable answer: maybe created, counted as a
+                          possible duplicate and as spend
+    an intent with none of these after it (a kill in between) counts like
+    submit_unknown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA = 2
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _strs(value: Any) -> tuple[str, ...]:
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+
+
+@dataclass(frozen=True, slots=True)
+class RunStarted:
+    """A run began: what it ran, where, and at which price it counts its submits."""
+
+    run_id: str
+    manifest: str
+    model: str
+    base_url: str
+    version: str
+    price: float
+    rows: int = 0
+    manifest_rows: int = 0
+    shard: str | None = None
+    pid: int | None = None
+    concurrency: int | None = None
+    rate: float | None = None
+    budget: float | None = None
+    schema: int = SCHEMA
+    kind = "run"
+
+
+@dataclass(frozen=True, slots=True)
+class Uploaded:
+    """A local input was uploaded; its URL is reused for 24 hours."""
+
+    sha256: str
+    download_url: str
+    file: str
+    base_url: str
+    kind = "uploaded"
+
+
+@dataclass(frozen=True, slots=True)
+class Submitting:
+    """Durable intent, written (and fsync'ed) before a submit request is sent."""
+
+    row: str
+    seed: int
+    intent: str
+    price: float
+    fingerprint: str | None = None
+    kind = "submitting"
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """The submit's answer named a prediction: a billed task we can follow."""
+
+    row: str
+    prediction_id: str
+    seed: int
+    attempt: int
+    intent: str | None = None
+    price: float | None = None
+    fingerprint: str | None = None
+    # Written by ledgers before schema 2, which counted lost answers here.
+    possible_duplicates: int = 0
+    kind = "submitted"
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitRefused:
+    """The server refused the submit (429, 4xx, connection refused): nothing was created."""
+
+    row: str
+    intent: str
+    error: str
+    status: int | None = None
+    kind = "submit_refused"
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitUnknown:
+    """The submit was sent and no usable answer came: a possible duplicate, counted as spend."""
+
+    row: str
+    intent: str
+    error: str
+    status: int | None = None
+    kind = "submit_unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """The row's outputs are on disk, whole."""
+
+    row: str
+    prediction_id: str
+    outputs: tuple[str, ...]
+    sha256: tuple[str, ...] = ()
+    nsfw: tuple[bool, ...] = ()
+    inference_ms: int | None = None
+    seed: int | None = None
+    fingerprint: str | None = None
+    model: str | None = None
+    prompt: str | None = None
+    image: str | None = None
+    image_path: str | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    kind = "completed"
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """This attempt at the row ended without outputs.
+
+    ``retryable`` rows are tried again by the next run; the others only with
+    ``--retry-failed``. ``live`` says the prediction may still be on the server
+    (a timeout, an output that could not be written): the next run polls
+    ``prediction_id`` rather than paying again.
+    """
+
+    row: str
+    error: str
+    retryable: bool
+    prediction_id: str | None = None
+    code: int | str | None = None
+    task_status: str | None = None
+    live: bool = False
+    attempt: int = 0
+    seed: int | None = None
+    fingerprint: str | None = None
+    model: str | None = None
+    prompt: str | None = None
+    image: str | None = None
+    image_path: str | None = None
+    kind = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    run_id: str
+    summary: Mapping[str, Any]
+    kind = "finished"
+
+
+Event = (
+    RunStarted
+    | Uploaded
+    | Submitting
+    | Submitted
+    | SubmitRefused
+    | SubmitUnknown
+    | Completed
+    | Failed
+    | Finished
+)
+RowEvent = Submitting | Submitted | SubmitRefused | SubmitUnknown | Completed | Failed
+
+# Statuses after which a prediction will never complete.
+TERMINAL_FAILURES = frozenset({"failed", "cancelled", "canceled", "timeout"})
+
+
+def encode(event: Event) -> dict[str, Any]:
+    """The JSON object for one event (without ``ts``, which the writer stamps)."""
+    out: dict[str, Any] = {"event": event.kind}
+    for name in event.__dataclass_fields__:
+        value = getattr(event, name)
+        if isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, Mapping):
+            if not value:
+                continue  # an empty meta says nothing
+            value = dict(value)
+        out[name] = value
+    if isinstance(event, Submitted) and not event.possible_duplicates:
+        del out["possible_duplicates"]
+    return out
+
+
+def _run(d: Mapping[str, Any]) -> RunStarted | None:
+    price = _float(d.get("price"))
+    return RunStarted(
+        run_id=_str(d.get("run_id")) or "",
+        manifest=_str(d.get("manifest")) or "",
+        model=_str(d.get("model")) or "",
+        base_url=_str(d.get("base_url")) or "",
+        version=_str(d.get("version")) or "",
+        price=price if price is not None and price >= 0 else -1.0,
+        rows=_int(d.get("rows")) or 0,
+        manifest_rows=_int(d.get("manifest_rows")) or 0,
+        shard=_str(d.get("shard")),
+        pid=_int(d.get("pid")),
+        concurrency=_int(d.get("concurrency")),
+        rate=_float(d.get("rate")),
+        budget=_float(d.get("budget")),
+        schema=_int(d.get("schema")) or 1,
+    )
+
+
+def _uploaded(d: Mapping[str, Any]) -> Uploaded | None:
+    sha, url = _str(d.get("sha256")), _str(d.get("download_url"))
+    if sha is None or url is None:
+        return None
+    return Uploaded(sha, url, _str(d.get("file")) or "", _str(d.get("base_url")) or "")
+
+
+def _submitting(d: Mapping[str, Any]) -> Submitting | None:
+    row, intent = _str(d.get("row")), _str(d.get("intent"))
+    if row is None or intent is None:
+        return None
+    seed = _int(d.get("seed"))
+    return Submitting(
+        row=row,
+        seed=seed if seed is not None else -1,
+        intent=intent,
+        price=_float(d.get("price")) or 0.0,
+        fingerprint=_str(d.get("fingerprint")),
+    )
+
+
+def _submitted(d: Mapping[str, Any]) -> Submitted | None:
+    row = _str(d.get("row"))
+    if row is None:
+        return None
+    seed = _int(d.get("seed"))
+    return Submitted(
+        row=row,
+        # Without an id (a hand-made or damaged line) the row is paid for but cannot be
+        # followed: the plan submits it again.
+        prediction_id=_str(d.get("prediction_id")) or "",
+        seed=seed if seed is not None else -1,
+        attempt=_int(d.get("attempt")) or 0,
+        intent=_str(d.get("intent")),
+        price=_float(d.get("price")),
+        fingerprint=_str(d.get("fingerprint")),
+        possible_duplicates=max(_int(d.get("possible_duplicates")) or 0, 0),
+    )
+
+
+def _settled(cls: type[SubmitRefused] | type[SubmitUnknown]) -> Callable[..., Any]:
+    def decode_settled(d: Mapping[str, Any]) -> SubmitRefused | SubmitUnknown | None:
+        row, intent = _str(d.get("row")), _str(d.get("intent"))
+        if row is None or intent is None:
+            return None
+        return cls(row, intent, _str(d.get("error")) or "", _int(d.get("status")))
+
+    return decode_settled
+
+
+def _request(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "fingerprint": _str(d.get("fingerprint")),
+        "model": _str(d.get("model")),
+        "prompt": _str(d.get("prompt")),
+        "image": _str(d.get("image")),
+        "image_path": _str(d.get("image_path")),
+    }
+
+
+def _completed(d: Mapping[str, Any]) -> Completed | None:
+    row = _str(d.get("row"))
+    if row is None:
+        return None
+    inference = _float(d.get("inference_ms"))
+    meta = d.get("meta")
+    nsfw = d.get("nsfw")
+    return Completed(
+        row=row,
+        prediction_id=_str(d.get("prediction_id")) or "",
+        outputs=_strs(d.get("outputs")),
+        sha256=_strs(d.get("sha256")),
+        nsfw=tuple(bool(n) for n in nsfw) if isinstance(nsfw, list) else (),
+        inference_ms=int(inference) if inference is not None else None,
+        seed=_int(d.get("seed")),
+        meta=meta if isinstance(meta, dict) else {},
+        **_request(d),
+    )
+
+
+def _failed(d: Mapping[str, Any]) -> Failed | None:
+    row = _str(d.get("row"))
+    if row is None:
+        return None
+    code = d.get("code")
+    pid = _str(d.get("prediction_id")) or None
+    task_status = _str(d.get("task_status"))
+    retryable = bool(d.get("retryable"))
+    live = d.get("live")
+    if not isinstance(live, bool):
+        # Ledgers before schema 2: a retryable failure of a task that had not ended.
+        live = retryable and pid is not None and task_status not in TERMINAL_FAILURES
+    return Failed(
+        row=row,
+        error=_str(d.get("error")) or "",
+        retryable=retryable,
+        prediction_id=pid,
+        code=code if isinstance(code, int | str) and not isinstance(code, bool) else None,
+        task_status=task_status,
+        live=live and pid is not None,
+        attempt=_int(d.get("attempt")) or 0,
+        seed=_int(d.get("seed")),
+        **_request(d),
+    )
+
+
+def _finished(d: Mapping[str, Any]) -> Finished | None:
+    summary = d.get("summary")
+    return Finished(_str(d.get("run_id")) or "", summary if isinstance(summary, dict) else {})
+
+
+_DECODERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    "run": _run,
+    "uploaded": _uploaded,
+    "submitting": _submitting,
+    "submitted": _submitted,
+    "submit_refused": _settled(SubmitRefused),
+    "submit_unknown": _settled(SubmitUnknown),
+    "completed": _completed,
+    "failed": _failed,
+    "finished": _finished,
+}
+
+
+def decode(d: Mapping[str, Any]) -> Event | None:
+    """The event a parsed ledger line holds, or None (unknown kind or unusable fields)."""
+    decoder = _DECODERS.get(d.get("event"))  # type: ignore[arg-type]
+    if decoder is None:
+        return None
+    event: Event | None = decoder(d)
+    return event

@@ -1,0 +1,84 @@
+"""Writing a file so that its final name only ever holds a whole file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+TEMP_PREFIX = ".wsbatch-"
+TEMP_SUFFIX = ".part"
+
+
+def temp_name(name: str) -> str:
+    """A temporary name beside ``name`` that says which process owns it."""
+    return f"{TEMP_PREFIX}{os.getpid()}-{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """A file to write that appears whole at ``path`` or not at all.
+
+    It is written under a temporary name beside ``path``, fsync'ed and renamed into
+    place. O_EXCL|O_NOFOLLOW never writes through a symlink someone planted, and the
+    rename replaces a symlink at the final name rather than following it.
+    """
+    temp = path.parent / temp_name(path.name)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(temp, mode)  # whatever the umask: outputs and datasets are meant to be shared
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        raise
+
+
+def write_atomic_sync(path: Path, data: bytes) -> None:
+    with atomic_file(path) as fh:
+        fh.write(data)
+
+
+def _owner_alive(name: str) -> bool:
+    pid_text = name[len(TEMP_PREFIX) :].split("-", 1)[0]
+    if not pid_text.isdigit():
+        return False  # written before temp names carried a pid
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_temp_files(folder: Path) -> int:
+    """Delete temporary files that dead processes left behind; return how many.
+
+    A live process's files are left alone: a shard starting beside another must not
+    pull a file out from under its write.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        name = entry.name
+        if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX) and not _owner_alive(name):
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed

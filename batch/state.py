@@ -1,0 +1,309 @@
+"""One reducer from ledger events to row states and spend; every view reads its result.
+
+``apply`` is the only place that decides what an event means for a row: the
+runner applies each event it writes, and the summary, ``status``, ``report``,
+``export``, ``validate`` and the Python ``Ledger`` read the same ``LedgerState``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from batch.events import (
+    Completed,
+    Event,
+    Failed,
+    Finished,
+    RunStarted,
+    Submitted,
+    Submitting,
+    SubmitUnknown,
+    Uploaded,
+)
+
+DEFAULT_PRICE = 0.024
+UPLOAD_REUSE_SECONDS = 24 * 3600
+GONE_CODE = "gone"
+
+
+def parse_ts(value: Any) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+class RowStatus(Enum):
+    """Where a row stands, by its events alone."""
+
+    NOT_STARTED = "not_started"  # nothing sent yet, or only refused submits
+    IN_DOUBT = "in_doubt"  # a submit went out and no answer was recorded (a kill)
+    IN_FLIGHT = "in_flight"  # a live prediction id: the next run polls it, never resubmits
+    COMPLETED = "completed"
+    FAILED = "failed"  # ended without outputs; ``retryable`` says if the next run retries
+
+    @property
+    def label(self) -> str:
+        return self.value.replace("_", " ")
+
+
+@dataclass(slots=True)
+class RowState:
+    """What the ledger knows of one row."""
+
+    base: RowStatus = RowStatus.NOT_STARTED
+    fingerprint: str | None = None
+    prediction_id: str | None = None
+    seed: int | None = None
+    outputs: tuple[str, ...] = ()
+    retryable: bool = False
+    error: str | None = None
+    code: int | str | None = None
+    task_status: str | None = None
+    submits: int = 0  # billed submits (answered with an id)
+    unknown: int = 0  # submits whose answer was lost
+    gone: int = 0  # times a known prediction was found gone and the row paid again
+    submitted_at: str | None = None
+    ts: str | None = None
+    intent: str | None = None  # an open submit intent, with the price it reserved
+    intent_price: float = 0.0
+    # The row's last event as written, for the report and the dataset files.
+    last: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def status(self) -> RowStatus:
+        return RowStatus.IN_DOUBT if self.intent is not None else self.base
+
+    @property
+    def event(self) -> str:
+        """The kind of the row's last event (``submitted``, ``completed``, ``failed``...)."""
+        return str(self.last.get("event", "")) if self.last else ""
+
+
+@dataclass(slots=True)
+class LedgerState:
+    rows: dict[str, RowState] = field(default_factory=dict)
+    # sha256 of an input -> (download_url, when, API base URL it was uploaded through)
+    uploads: dict[str, tuple[str, float, str]] = field(default_factory=dict)
+    runs: list[Mapping[str, Any]] = field(default_factory=list)
+    finished: list[Mapping[str, Any]] = field(default_factory=list)
+    predictions: set[str] = field(default_factory=set)  # every id any row was given
+    price: float = DEFAULT_PRICE  # of the latest run, for events that carry none
+    submits: int = 0  # billed: answered with a prediction id
+    possible_duplicates: int = 0  # lost answers and intents that never got one
+    billed_spend: float = 0.0
+    unknown_spend: float = 0.0
+    open_spend: float = 0.0
+    corrupt_lines: int = 0
+    torn_tail: bool = False
+
+    @property
+    def spend(self) -> float:
+        """What this folder may have been charged: billed, possibly billed, reserved."""
+        return self.billed_spend + self.unknown_spend + self.open_spend
+
+    @property
+    def in_doubt(self) -> int:
+        return sum(1 for r in self.rows.values() if r.intent is not None)
+
+    def fresh_upload(self, sha256: str, now: float, base_url: str) -> str | None:
+        """A download_url for this input uploaded less than 24 h ago through the same API."""
+        entry = self.uploads.get(sha256)
+        if entry is None or now - entry[1] > UPLOAD_REUSE_SECONDS or entry[2] != base_url:
+            return None
+        return entry[0]
+
+    def counts(self, row_ids: Iterable[str] | None = None) -> dict[RowStatus, int]:
+        """Rows per status, over ``row_ids`` (rows the ledger does not know are not
+        started) or over every row the ledger knows."""
+        found = {s: 0 for s in RowStatus}
+        rows = self.rows
+        if row_ids is None:
+            for row in rows.values():
+                found[row.status] += 1
+        else:
+            for row_id in row_ids:
+                known = rows.get(row_id)
+                found[known.status if known is not None else RowStatus.NOT_STARTED] += 1
+        return found
+
+
+def _close_intent(state: LedgerState, row: RowState) -> float:
+    """End an open intent; return the price it reserved (0 when none was open)."""
+    if row.intent is None:
+        return 0.0
+    price = row.intent_price
+    state.open_spend = max(state.open_spend - price, 0.0)
+    row.intent = None
+    row.intent_price = 0.0
+    return price
+
+
+def _count_unknown(state: LedgerState, row: RowState, price: float, n: int = 1) -> None:
+    state.possible_duplicates += n
+    state.unknown_spend += price * n
+    row.unknown += n
+
+
+def apply(
+    state: LedgerState, event: Event, record: Mapping[str, Any], keep_last: bool = True
+) -> None:
+    """Apply one event (``record`` is its line as written, with ``ts``)."""
+    ts = record.get("ts")
+    ts = ts if isinstance(ts, str) else None
+    if isinstance(event, RunStarted):
+        state.runs.append(record)
+        if event.price >= 0:
+            state.price = event.price
+        return
+    if isinstance(event, Finished):
+        state.finished.append(record)
+        return
+    if isinstance(event, Uploaded):
+        when = parse_ts(ts)
+        if when is not None:
+            state.uploads[event.sha256] = (event.download_url, when, event.base_url)
+        return
+    row = state.rows.get(event.row)
+    if row is None:
+        row = state.rows[event.row] = RowState()
+    row.ts = ts
+    if isinstance(event, Submitting):
+        if row.intent is not None:
+            # A second intent with no outcome for the first: the first may have billed.
+            _count_unknown(state, row, _close_intent(state, row))
+        row.intent = event.intent
+        row.intent_price = event.price if event.price > 0 else state.price
+        state.open_spend += row.intent_price
+        if event.seed >= 0:
+            row.seed = event.seed
+        return
+    price = _close_intent(state, row)
+    if isinstance(event, SubmitUnknown):
+        _count_unknown(state, row, price or state.price)
+        return
+    if not isinstance(event, Submitted | Completed | Failed):
+        return  # a refused submit: nothing created, the row stands as it did
+    if price and not isinstance(event, Submitted):
+        _count_unknown(state, row, price)  # an outcome never recorded for that intent
+    if keep_last:
+        row.last = record
+    if event.fingerprint is not None:
+        row.fingerprint = event.fingerprint
+    if event.seed is not None and event.seed >= 0:
+        row.seed = event.seed
+    if isinstance(event, Submitted):
+        paid = event.price if event.price is not None else (price or state.price)
+        state.submits += 1
+        state.billed_spend += paid
+        if event.possible_duplicates:
+            _count_unknown(state, row, paid, event.possible_duplicates)
+        if event.prediction_id:
+            state.predictions.add(event.prediction_id)
+        row.base = RowStatus.IN_FLIGHT
+        row.prediction_id = event.prediction_id or None
+        row.submits += 1
+        row.submitted_at = ts
+        row.task_status = row.error = row.code = None
+        row.retryable = False
+    elif isinstance(event, Completed):
+        row.base = RowStatus.COMPLETED
+        if event.prediction_id:
+            row.prediction_id = event.prediction_id
+            state.predictions.add(event.prediction_id)
+        row.outputs = event.outputs
+        row.task_status = "completed"
+        row.error = row.code = None
+        row.retryable = False
+    else:
+        row.base = RowStatus.IN_FLIGHT if event.live else RowStatus.FAILED
+        row.prediction_id = event.prediction_id
+        if event.prediction_id:
+            state.predictions.add(event.prediction_id)
+        row.error = event.error
+        row.code = event.code
+        row.retryable = event.retryable
+        row.task_status = event.task_status
+        if event.code == GONE_CODE:
+            row.gone += 1
+
+
+def merge_states(states: list[LedgerState]) -> LedgerState:
+    """One view of several ledgers (shards).
+
+    Shards hold disjoint rows, so a row's state comes from the one ledger that has it;
+    a row in several (an unsharded run, then shards) keeps its latest event by time.
+    """
+    if len(states) == 1:
+        return states[0]
+    merged = LedgerState()
+    for state in states:
+        for row_id, row in state.rows.items():
+            known = merged.rows.get(row_id)
+            if known is None or str(row.ts or "") >= str(known.ts or ""):
+                merged.rows[row_id] = row
+        merged.uploads.update(state.uploads)
+        merged.runs += state.runs
+        merged.finished += state.finished
+        merged.predictions |= state.predictions
+        merged.price = state.price if state.runs else merged.price
+        merged.submits += state.submits
+        merged.possible_duplicates += state.possible_duplicates
+        merged.billed_spend += state.billed_spend
+        merged.unknown_spend += state.unknown_spend
+        merged.open_spend += state.open_spend
+        merged.corrupt_lines += state.corrupt_lines
+        merged.torn_tail = merged.torn_tail or state.torn_tail
+    return merged
+
+
+# -- what a run does with a row ---------------------------------------------------
+
+
+class Action(Enum):
+    DONE = "done"
+    FAILED = "failed"
+    POLL = "poll"
+    SUBMIT = "submit"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    action: Action
+    prediction_id: str | None = None
+    seed: int | None = None
+
+
+def plan_row(state: RowState | None, fingerprint: str, files: set[str], retry_failed: bool) -> Plan:
+    """Decide what a row needs, from its state alone."""
+    if state is None:
+        return Plan(Action.SUBMIT)
+    if state.fingerprint is not None and state.fingerprint != fingerprint:
+        return Plan(Action.SUBMIT)  # the request changed under the same id: a new task
+    seed, pid = state.seed, state.prediction_id
+    status = state.status
+    if status is RowStatus.COMPLETED:
+        if state.outputs and all(name in files for name in state.outputs):
+            return Plan(Action.DONE)
+        # An output went missing: fetch it again while the server still has it.
+        return Plan(Action.POLL, pid, seed) if pid else Plan(Action.SUBMIT, None, seed)
+    if status is RowStatus.IN_FLIGHT and pid:
+        return Plan(Action.POLL, pid, seed)
+    if status is RowStatus.FAILED and not state.retryable and not retry_failed:
+        return Plan(Action.FAILED)
+    # Not started, in doubt (counted as a possible duplicate already), or retryable.
+    return Plan(Action.SUBMIT, None, seed)
+
+
+def count_actions(plans: Iterable[Plan]) -> dict[str, int]:
+    """Rows per action: what `validate` and the start of a run announce."""
+    counts = {a.value: 0 for a in Action}
+    for plan in plans:
+        counts[plan.action.value] += 1
+    return counts

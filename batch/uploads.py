@@ -1,0 +1,93 @@
+"""Local inputs uploaded once per content, their URLs reused for 24 hours.
+
+The cache keeps URLs, never image bytes: a file is read when it must be hashed
+or uploaded, and its bytes are dropped as soon as that is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from batch.client import Client
+from batch.events import Uploaded
+from batch.ledger import LedgerWriter
+from batch.state import LedgerState
+
+Retry = Callable[[Callable[[], Awaitable[str]]], Awaitable[str]]
+
+
+def _read_and_hash(path: Path) -> tuple[str, bytes]:
+    data = path.read_bytes()
+    return hashlib.sha256(data).hexdigest(), data
+
+
+class UploadCache:
+    def __init__(self, client: Client, writer: LedgerWriter, state: LedgerState) -> None:
+        self.client = client
+        self.writer = writer
+        self.state = state
+        self._sha: dict[Path, str] = {}
+        self._urls: dict[str, asyncio.Future[str]] = {}
+        self._reused: set[str] = set()
+
+    async def url_for(self, path: Path, label: str, retry: Retry) -> str:
+        """The URL to send for a local input, uploading it if no fresh one is known."""
+        data: bytes | None = None
+        known = self._sha.get(path)
+        if known is None:
+            sha, data = await asyncio.to_thread(_read_and_hash, path)
+            self._sha[path] = sha
+        else:
+            sha = known
+        future = self._urls.get(sha)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._urls[sha] = future
+            reused = self.state.fresh_upload(sha, time.time(), self.client.base_url)
+            if reused is not None:
+                self._reused.add(sha)
+                self.client.metrics.uploads_reused += 1
+                future.set_result(reused)
+            else:
+                try:
+                    url = await self._upload(path, sha, data, label, retry)
+                except BaseException as exc:
+                    # Let the next row that needs this image try again.
+                    self._urls.pop(sha, None)
+                    future.set_exception(exc if isinstance(exc, Exception) else RuntimeError())
+                    future.exception()  # retrieved: there may be no waiter
+                    raise
+                future.set_result(url)
+        return await asyncio.shield(future)
+
+    async def _upload(
+        self, path: Path, sha: str, data: bytes | None, label: str, retry: Retry
+    ) -> str:
+        body = data if data is not None else await self._read_again(path, sha)
+        url = await retry(functools.partial(self.client.upload, path, body))
+        await self.writer.write(
+            Uploaded(sha256=sha, download_url=url, file=label, base_url=self.client.base_url)
+        )
+        return url
+
+    @staticmethod
+    async def _read_again(path: Path, sha: str) -> bytes:
+        sha_now, data = await asyncio.to_thread(_read_and_hash, path)
+        if sha_now != sha:
+            raise OSError(f"{path} changed during the run")
+        return data
+
+    def forget_reused(self, path: Path) -> bool:
+        """An upload reused from an earlier run turned out expired: upload afresh, once."""
+        sha = self._sha.get(path)
+        if sha is None or sha not in self._reused:
+            return False
+        self._reused.discard(sha)
+        self._urls.pop(sha, None)
+        self.state.uploads.pop(sha, None)
+        return True
