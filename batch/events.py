@@ -170,6 +170,8 @@ class Failed:
     prompt: str | None = None
     image: str | None = None
     image_path: str | None = None
+    # Written by ledgers before schema 2, which counted lost answers here too.
+    possible_duplicates: int = 0
     kind = "failed"
 
 
@@ -209,7 +211,7 @@ def encode(event: Event) -> dict[str, Any]:
                 continue  # an empty meta says nothing
             value = dict(value)
         out[name] = value
-    if isinstance(event, Submitted) and not event.possible_duplicates:
+    if isinstance(event, Submitted | Failed) and not event.possible_duplicates:
         del out["possible_duplicates"]
     return out
 
@@ -336,6 +338,7 @@ def _failed(d: Mapping[str, Any]) -> Failed | None:
         live=live and pid is not None,
         attempt=_int(d.get("attempt")) or 0,
         seed=_int(d.get("seed")),
+        possible_duplicates=max(_int(d.get("possible_duplicates")) or 0, 0),
         **_request(d),
     )
 

@@ -168,9 +168,11 @@ class Job:
 
     async def _resubmit_gone(self, exc: PredictionGone) -> bool:
         """A known task the server no longer has: pay again once, never twice."""
-        again = self.gone == 0 and not self.res.stop.stopping
+        first = self.gone == 0
+        again = first and not self.res.stop.stopping
         self.gone += 1
-        await self._fail(exc, retryable=again, code=GONE_CODE, quiet=again)
+        # A first loss stays retryable even when stopping: the next run pays again, once.
+        await self._fail(exc, retryable=first, code=GONE_CODE, quiet=again)
         return again
 
     async def _resubmit_failed(self, exc: TaskFailed) -> bool:
@@ -239,10 +241,15 @@ class Job:
                 res.guard.release()
                 await res.writer.write(SubmitRefused(row.id, intent, exc.message, exc.status))
                 raise
-            found = await self._find_lost(payload, sent_at)
+            found: str | None = None
+            try:
+                found = await self._find_lost(payload, sent_at)
+            finally:
+                # Even if the look-up itself is interrupted, the lost answer is counted.
+                if found is None:
+                    await res.writer.write(SubmitUnknown(row.id, intent, exc.message, exc.status))
             res.metrics.note("submit answer lost", row=row.id, error=exc.message, adopted=found)
             if found is None:
-                await res.writer.write(SubmitUnknown(row.id, intent, exc.message, exc.status))
                 raise
             res.metrics.reconciled += 1
             pid = found
@@ -256,6 +263,7 @@ class Job:
             await res.writer.write(SubmitUnknown(row.id, intent, f"interrupted: {exc!r}"))
             raise
         res.limiter.on_success()
+        self.pid = pid  # known from here on, whatever happens to the line below
         known = res.state.rows.get(row.id)
         await res.writer.write(
             Submitted(
@@ -280,8 +288,8 @@ class Job:
         res = self.res
         try:
             listed = await res.client.list_predictions(self.row.model, sent_at - LISTING_SLACK_S)
-        except (ApiError, AuthError):
-            return None
+        except (BatchError, OSError):
+            return None  # the look-up is best effort: the lost answer is then counted
         known = res.state.predictions
         matches = [
             item.id

@@ -23,6 +23,7 @@ from batch.stop import Stopped, StopSignal
 
 BUDGET_LOCK_NAME = ".wsbatch.budget.lock"
 EPSILON = 1e-9
+LOCK_POLL_S = 0.005
 
 
 class SpendGuard:
@@ -64,8 +65,13 @@ class SpendGuard:
             return intent
         async with self._lock:
             self.stop.check()
-            others = await asyncio.to_thread(self._lock_folder)
+            await self._lock_folder()
             try:
+                # Checked again under the lock: other workers may have sent while we waited.
+                if self.max_tasks is not None and self.committed >= self.max_tasks:
+                    self.stop.request(f"--max-tasks {self.max_tasks} reached")
+                    raise Stopped
+                others = await asyncio.to_thread(self._others_spend)
                 spent = self.state.spend + others
                 if spent + self.price > self.budget + EPSILON:
                     self.stop.request(
@@ -83,17 +89,26 @@ class SpendGuard:
         """A submit was refused: it created nothing and counts against nothing."""
         self.committed = max(self.committed - 1, 0)
 
-    def _lock_folder(self) -> float:
-        """Take the folder's budget lock (blocking, in a thread) and return what the other
-        ledgers of the folder have added to its spend since this run read them."""
+    async def _lock_folder(self) -> None:
+        """Take the folder's budget lock without blocking the loop (or a thread that a
+        cancelled run could not take back): try, and wait a little between tries."""
         if self._fd < 0:
             self._fd = os.open(
                 self._folder / BUDGET_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644
             )
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                await asyncio.sleep(LOCK_POLL_S)
+
+    def _others_spend(self) -> float:
+        """What the other ledgers of the folder have added to its spend since this run
+        read them (a shard that started after us is read whole)."""
         for path in ledger_paths(self._folder):
             if path != self.writer.path and path not in self._tails:
-                self._tails[path] = LedgerTail(path, 0)  # a shard that started after us
+                self._tails[path] = LedgerTail(path, 0)
         return sum(tail.refresh().spend for tail in self._tails.values())
 
     def close(self) -> None:

@@ -222,6 +222,8 @@ def apply(
         row.error = row.code = None
         row.retryable = False
     else:
+        if event.possible_duplicates:
+            _count_unknown(state, row, state.price, event.possible_duplicates)
         row.base = RowStatus.IN_FLIGHT if event.live else RowStatus.FAILED
         row.prediction_id = event.prediction_id
         if event.prediction_id:

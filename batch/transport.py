@@ -94,16 +94,32 @@ def classify(
     envelope_code = payload.get("code") if isinstance(payload, dict) else None
     if isinstance(envelope_code, bool) or not isinstance(envelope_code, int):
         envelope_code = None
-    if 200 <= status < 300 and envelope_code not in (None, 200):
-        status = envelope_code  # an error told in the body of an HTTP 200
-    elif 200 <= status < 300 or 300 <= status < 400:
-        if status == 200 and isinstance(payload, dict) and isinstance(payload.get("data"), dict):
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if 200 <= status < 300:
+        if isinstance(data, dict) and (
+            envelope_code in (None, 200) or isinstance(data.get("id"), str)
+        ):
+            # A task id with a non-200 code (a sync submit timing out with 5004) is
+            # still a task: the poll says how it ends.
             return None
-        shape = "a redirect" if status >= 300 else "not the API's answer"
+        if envelope_code is not None and (
+            envelope_code == 429 or 400 <= envelope_code < 500 or 1000 <= envelope_code < 2000
+        ):
+            # A refusal told in the body of an HTTP 200: nothing was created.
+            status = envelope_code if envelope_code < 1000 else 400
+        else:
+            return ApiError(
+                f"{what}: HTTP {status} with no usable answer; the request may have taken effect",
+                status=status,
+                code=envelope_code,
+                retryable=True,
+                outcome_unknown=True,
+            )
+    elif 300 <= status < 400:
         return ApiError(
-            f"{what}: HTTP {status} with {shape}; the request may have taken effect",
+            f"{what}: unexpected redirect (HTTP {status}); not following it with the key",
             status=status,
-            retryable=status < 300,
+            retryable=False,
             outcome_unknown=True,
         )
     message = ""

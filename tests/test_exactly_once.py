@@ -361,3 +361,13 @@ def test_summary_status_and_ledger_agree_after_a_timeout(
     ledger = Ledger(out)
     assert result.summary["in_flight"] == info["in_flight"] == len(ledger.in_flight()) == 3
     assert result.summary["failed"] == info["failed"] == len(ledger.failed()) == 0
+
+
+def test_max_tasks_is_a_hard_cap_beside_a_budget(run, images, write_manifest, emulator):
+    """--max-tasks holds with --budget too, however many workers wait for the folder lock."""
+    result = run(
+        write_manifest(simple_rows(images, 8)),
+        "--concurrency", "4", "--max-tasks", "1", "--budget", "100",
+    )  # fmt: skip
+    assert result.summary["stop_reason"].startswith("--max-tasks 1")
+    assert emulator.stats.submits_accepted == 1
