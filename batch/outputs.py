@@ -7,10 +7,10 @@ from pathlib import Path
 
 import aiofiles.os
 
-from batch.files import remove_temp_files, write_atomic_sync
+from batch.files import write_atomic_sync
 from batch.images import extension
 
-__all__ = ["existing_files", "output_names", "remove_temp_files", "write_atomic"]
+__all__ = ["existing_files", "output_names", "write_atomic"]
 
 
 def output_names(row_id: str, output_format: str, count: int) -> list[str]:

@@ -80,11 +80,6 @@ class RowState:
     def status(self) -> RowStatus:
         return RowStatus.IN_DOUBT if self.intent is not None else self.base
 
-    @property
-    def event(self) -> str:
-        """The kind of the row's last event (``submitted``, ``completed``, ``failed``...)."""
-        return str(self.last.get("event", "")) if self.last else ""
-
 
 @dataclass(slots=True)
 class LedgerState:

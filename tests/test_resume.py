@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from batch.lock import OutDirLock
-from tests.conftest import age_submits, read_ledger_lines, simple_rows, subprocess_env, wsbatch_cmd
+from tests.conftest import (
+    age_submits,
+    last_events,
+    read_ledger_lines,
+    simple_rows,
+    subprocess_env,
+    wsbatch_cmd,
+)
 
 
 def run(cli, path, emulator, out, *extra):
@@ -28,14 +35,6 @@ def drop_events_after_submit(out: Path, rows: set[str] | None = None) -> None:
         or (rows is not None and e.get("row", "") not in rows and e["event"] != "finished")
     ]
     (out / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in kept))
-
-
-def final_states(out: Path) -> dict[str, dict]:
-    last: dict[str, dict] = {}
-    for event in read_ledger_lines(out):
-        if "row" in event:
-            last[event["row"]] = event
-    return last
 
 
 @pytest.fixture
@@ -78,14 +77,14 @@ def test_forgotten_prediction_is_submitted_again_with_the_same_seed(
     path = write_manifest([{"id": "s", "image": "images/a.png", "prompt": "p", "seed": -1}])
     out = tmp_path / "out"
     assert run(cli, path, emulator, out).code == 0
-    first = final_states(out)["s"]
+    first = last_events(out)["s"]
     drop_events_after_submit(out)
     age_submits(out, 3600)  # a 404 for a task minutes old is the store lagging, not gone
     (out / "s.jpg").unlink()
     emulator.delete_prediction(first["prediction_id"])
     emulator.reset_stats()
     assert run(cli, path, emulator, out).code == 0
-    again = final_states(out)["s"]
+    again = last_events(out)["s"]
     assert emulator.stats.submits_accepted == 1
     assert again["prediction_id"] != first["prediction_id"]
     assert again["seed"] == first["seed"]
@@ -112,7 +111,7 @@ def test_changed_request_under_the_same_id_is_redone(done_run, emulator, images,
     result = run(cli, path, emulator, out)
     assert result.code == 0
     assert emulator.stats.submits_accepted == 1
-    pid = final_states(out)["row-0002"]["prediction_id"]
+    pid = last_events(out)["row-0002"]["prediction_id"]
     assert emulator.predictions[pid].body["prompt"] == "a different edit"
 
 
@@ -125,7 +124,7 @@ def test_torn_last_ledger_line_is_cut_before_appending(done_run, emulator, cli):
     assert run(cli, path, emulator, out).code == 0
     lines = (out / "ledger.jsonl").read_text().splitlines()
     assert all(json.loads(line) for line in lines)
-    assert all(s["event"] == "completed" for s in final_states(out).values())
+    assert all(s["event"] == "completed" for s in last_events(out).values())
 
 
 def test_leftover_temp_files_are_removed(done_run, emulator, cli):
@@ -196,7 +195,7 @@ def test_kill_9_at_random_moments_loses_nothing(emulator, images, write_manifest
     assert kills >= 3
     # The ledger is whole JSON from top to bottom.
     events = read_ledger_lines(out)
-    states = final_states(out)
+    states = last_events(out)
     assert set(states) == {r["id"] for r in rows}
     assert all(s["event"] == "completed" for s in states.values())
     for state in states.values():
@@ -222,7 +221,7 @@ def test_sigint_finishes_in_flight_tasks_and_exits_130(emulator, images, write_m
     proc.send_signal(signal.SIGINT)
     _stdout, stderr = proc.communicate(timeout=20)
     assert proc.returncode == 130, stderr
-    states = final_states(out)
+    states = last_events(out)
     assert all(s["event"] != "submitted" for s in states.values())
     assert sum(1 for s in states.values() if s["event"] == "completed") >= 4
     assert len(states) < 12  # submitting stopped
@@ -256,7 +255,7 @@ def test_second_sigint_stops_at_once_and_resume_polls(emulator, images, write_ma
     proc.communicate(timeout=10)
     assert time.monotonic() - started < 5
     assert proc.returncode == 130
-    assert all(s["event"] == "submitted" for s in final_states(out).values())
+    assert all(s["event"] == "submitted" for s in last_events(out).values())
     emulator.config.latency = (0.0, 0.0)
     for pred in emulator.predictions.values():
         pred.finish_mono = pred.start_mono = time.monotonic()
