@@ -246,9 +246,7 @@ class Client:
             raise ApiError("upload: ticket has no upload URL", retryable=False)
         # The upload URL is pre-signed storage: exactly its headers, never the key.
         put_headers.pop("Authorization", None)
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=self.timeouts.connect, sock_read=self.timeouts.upload
-        )
+        timeout = self.timeouts.for_request(self.timeouts.upload)
         try:
             async with self.transport.session.request(
                 method,

@@ -75,9 +75,7 @@ class OutputFetcher:
         """The body, or the Location of a redirect to follow."""
         headers = self.transport.auth_header(url)
         timeouts = self.transport.timeouts
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=timeouts.connect, sock_read=timeouts.download
-        )
+        timeout = timeouts.for_request(timeouts.download)
         self.transport.metrics.downloads += 1
         try:
             async with self.transport.session.get(

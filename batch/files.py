@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -82,3 +84,34 @@ def remove_temp_files(folder: Path) -> int:
             except FileNotFoundError:
                 pass
     return removed
+
+
+async def read_bytes(path: Path) -> bytes:
+    """A whole file, read in a daemon thread.
+
+    A read that never returns (a FIFO, a hung network mount) must not hold the process
+    at exit: the default executor's threads are joined when the loop closes, so a
+    second Ctrl-C would wait for them forever. A daemon thread is simply left behind.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[bytes] = loop.create_future()
+
+    def settle(data: bytes | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            assert data is not None
+            future.set_result(data)
+
+    def work() -> None:
+        try:
+            data, error = path.read_bytes(), None
+        except BaseException as exc:
+            data, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop closed while we were reading
+            loop.call_soon_threadsafe(settle, data, error)
+
+    threading.Thread(target=work, name="wsbatch-read", daemon=True).start()
+    return await future

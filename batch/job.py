@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -227,19 +228,26 @@ class Job:
         """One submit: reserve, send, and settle the intent whatever happens."""
         res, row = self.res, self.row
         with res.stop.interruptible():
-            await res.limiter.acquire()
-        intent = await res.guard.reserve(row.id, self.seed, row.fingerprint)
+            slot = await res.limiter.acquire()
+        try:
+            intent = await res.guard.reserve(row.id, self.seed, row.fingerprint)
+        except BaseException:
+            res.limiter.on_other(slot)  # never sent: a probe slot must not stay taken
+            raise
         sent_at = time.time()
         try:
             pid = await res.client.submit(row.model, payload)
         except ApiError as exc:
             if _is_429(exc):
-                res.limiter.on_rate_limited(exc.retry_after)
+                res.limiter.on_rate_limited(slot, exc.retry_after)
                 res.metrics.rate_limited += 1
                 res.metrics.note("rate limited", row=row.id, retry_after=exc.retry_after)
+            else:
+                res.limiter.on_other(slot)
             if not exc.outcome_unknown:
                 res.guard.release()
                 await res.writer.write(SubmitRefused(row.id, intent, exc.message, exc.status))
+                self._stop_if_told_to_wait_too_long(exc)
                 raise
             found: str | None = None
             try:
@@ -254,15 +262,17 @@ class Job:
             res.metrics.reconciled += 1
             pid = found
         except AuthError as exc:
+            res.limiter.on_other(slot)
             res.guard.release()  # 401/403 create nothing
             await res.writer.write(SubmitRefused(row.id, intent, str(exc)))
             raise
         except BaseException as exc:
+            res.limiter.on_other(slot)
             # Cancelled mid-request (a second Ctrl-C), or a bug: the request may be out.
             # The line is queued before the await, so it is written even if we are cancelled.
             await res.writer.write(SubmitUnknown(row.id, intent, f"interrupted: {exc!r}"))
             raise
-        res.limiter.on_success()
+        res.limiter.on_success(slot)
         self.pid = pid  # known from here on, whatever happens to the line below
         known = res.state.rows.get(row.id)
         await res.writer.write(
@@ -278,6 +288,23 @@ class Job:
             durable=True,
         )
         return pid
+
+    def _stop_if_told_to_wait_too_long(self, exc: ApiError) -> None:
+        """A Retry-After longer than a task may take ends the run's submitting: no wait
+        exceeds what the user allowed. Rows not sent stay for the next run."""
+        wait, allowed = exc.retry_after, self.res.options.timeout
+        if not _is_429(exc) or wait is None or wait <= allowed:
+            return
+        lifts = (
+            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + wait))
+            if math.isfinite(wait)
+            else "no time given"
+        )
+        self.res.stop.request(
+            f"the API asks to wait {wait:g} s before the next submit (until {lifts}), "
+            f"longer than --timeout {allowed:g} s; run again after that"
+        )
+        raise Stopped
 
     async def _find_lost(self, payload: Mapping[str, Any], sent_at: float) -> str | None:
         """The task a lost answer created, when the listing proves which one it is.

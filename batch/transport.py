@@ -42,6 +42,13 @@ class Timeouts:
     upload: float = 120.0
     download: float = 120.0
 
+    def for_request(self, read: float) -> aiohttp.ClientTimeout:
+        """Per-read and whole-request limits: a body that trickles in a byte at a time
+        never trips a read timeout, so the whole exchange has one too."""
+        return aiohttp.ClientTimeout(
+            total=self.connect + read, connect=self.connect, sock_read=read
+        )
+
 
 def is_loopback(host: str) -> bool:
     host = host.strip("[]").lower()
@@ -269,9 +276,6 @@ class Transport:
         headers = {**self.identity, "Authorization": f"Bearer {self._key}"}
         if json_body is not None:
             headers["Content-Type"] = "application/json"
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=self.timeouts.connect, sock_read=read_timeout
-        )
         self.metrics.requests += 1
         try:
             async with self.session.request(
@@ -279,7 +283,7 @@ class Transport:
                 self.base_url + path,
                 data=json.dumps(json_body) if json_body is not None else data,
                 headers=headers,
-                timeout=timeout,
+                timeout=self.timeouts.for_request(read_timeout),
                 allow_redirects=False,
             ) as resp:
                 body = await read_capped(resp, max_bytes, what)

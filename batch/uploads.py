@@ -15,14 +15,15 @@ from pathlib import Path
 
 from batch.client import Client
 from batch.events import Uploaded
+from batch.files import read_bytes
 from batch.ledger import LedgerWriter
 from batch.state import LedgerState
 
 Retry = Callable[[Callable[[], Awaitable[str]]], Awaitable[str]]
 
 
-def _read_and_hash(path: Path) -> tuple[str, bytes]:
-    data = path.read_bytes()
+async def _read_and_hash(path: Path) -> tuple[str, bytes]:
+    data = await read_bytes(path)
     return hashlib.sha256(data).hexdigest(), data
 
 
@@ -40,7 +41,7 @@ class UploadCache:
         data: bytes | None = None
         known = self._sha.get(path)
         if known is None:
-            sha, data = await asyncio.to_thread(_read_and_hash, path)
+            sha, data = await _read_and_hash(path)
             self._sha[path] = sha
         else:
             sha = known
@@ -77,7 +78,7 @@ class UploadCache:
 
     @staticmethod
     async def _read_again(path: Path, sha: str) -> bytes:
-        sha_now, data = await asyncio.to_thread(_read_and_hash, path)
+        sha_now, data = await _read_and_hash(path)
         if sha_now != sha:
             raise OSError(f"{path} changed during the run")
         return data

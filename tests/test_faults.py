@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from batch.limits import SubmitLimiter
 from batch.retry import Backoff, parse_retry_after
 from tests.conftest import API_KEY, last_events, read_ledger_lines, simple_rows
 
@@ -87,17 +86,6 @@ def test_retry_after_on_429_pauses_every_worker(run, images, write_manifest, emu
     later = [t for t in times if t > limited + 0.05]
     assert later and min(later) >= limited + 0.95
     assert time.monotonic() - started >= 1.0
-
-
-def test_limiter_slows_down_on_429_and_recovers():
-    """A 429 widens the gap between submissions; successes shrink it back to nothing."""
-    limiter = SubmitLimiter()
-    limiter.on_rate_limited(None)
-    limiter.on_rate_limited(None)
-    assert limiter.penalty > 0
-    for _ in range(100):
-        limiter.on_success()
-    assert limiter.penalty == 0
 
 
 def test_rate_cap_spaces_submissions(run, images, write_manifest, emulator):

@@ -1,0 +1,101 @@
+"""The submit pacer against a simulated fixed-window limit (no Retry-After, as documented).
+
+The pacer's decisions are plain methods over a clock, so a deterministic simulation
+drives them: a server that accepts ``limit`` submits per ``window`` seconds, windows
+turning at fixed times, and a client that always has rows waiting.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from batch.limits import SubmitLimiter
+from tests.conftest import simple_rows
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def simulate(limits, rows: int, phase: float = 0.3, latency: float = 0.05):
+    """Send ``rows`` submits as fast as the pacer allows; ``limits(t)`` gives (limit, window)
+    at time t. Returns (time the last accepted submit was sent, 429 count, pacer)."""
+    clock = Clock()
+    clock.now = phase
+    pacer = SubmitLimiter(clock=clock)
+    accepted = 0
+    used: dict[int, int] = {}
+    last = 0.0
+    while accepted < rows:
+        wait = pacer._wait(clock.now)
+        if wait > 0:
+            clock.now += min(wait, 0.01) if pacer._probe_out else wait
+            continue
+        slot = pacer._grant(clock.now)
+        limit, window = limits(clock.now)
+        index = math.floor(clock.now / window)
+        clock.now += latency / 10  # the answer comes back a moment later
+        if used.get(index, 0) < limit:
+            used[index] = used.get(index, 0) + 1
+            accepted += 1
+            last = slot.sent_at
+            pacer.on_success(slot)
+        else:
+            pacer.on_rate_limited(slot, None)
+    return last, pacer.rate_limited, pacer
+
+
+@pytest.mark.parametrize(("limit", "window"), [(20, 5.0), (10, 6.0), (10, 60.0), (100, 60.0)])
+def test_learned_pace_reaches_the_limit_with_few_429s(limit, window):
+    """With no --rate, the pacer spends each window's quota and rarely hits the limit."""
+    rows = limit * 8
+    last, refused, pacer = simulate(lambda t: (limit, window), rows)
+    ideal = (rows / limit - 1) * window  # the last window opens then
+    assert last <= ideal + 0.2 * window * rows / limit
+    assert refused <= 0.15 * rows + 15  # finding the first turn, then about one a window
+    assert pacer.quota is not None and limit <= pacer.quota <= limit * 1.5**2
+
+
+def test_burst_of_429s_is_one_signal():
+    """Twenty 429s of submits sent together teach one thing, not twenty."""
+    clock = Clock()
+    pacer = SubmitLimiter(clock=clock)
+    slots = [pacer._grant(0.0) for _ in range(30)]
+    for slot in slots[:10]:
+        pacer.on_success(slot)
+    clock.now = 0.1
+    for slot in slots[10:]:
+        pacer.on_rate_limited(slot, None)
+    assert pacer.rate_limited == 20 and pacer.signals == 1 and pacer.quota == 10
+
+
+def test_pace_recovers_when_the_limit_lifts():
+    """When the account's limit rises, the learned quota grows back window by window."""
+    last, _, pacer = simulate(lambda t: (10, 2.0) if t < 20 else (1000, 2.0), 400)
+    assert pacer.quota is not None and pacer.quota > 50
+    assert last < 20 + 16 * 2.0  # the 300 rows past the lift took under 16 windows
+
+
+def test_retry_after_pauses_everyone_and_teaches_nothing():
+    """A 429 that names its wait holds every submit that long; no quota is guessed."""
+    clock = Clock()
+    pacer = SubmitLimiter(clock=clock)
+    pacer.on_rate_limited(pacer._grant(0.0), 3.0)
+    assert pacer._wait(0.0) == pytest.approx(3.0) and pacer.quota is None
+
+
+def test_a_run_under_a_window_limit_learns_it(run, images, write_manifest, emulator):
+    """Against a real per-window limit with no Retry-After, every row completes, each
+    paid once, and most submits are accepted at the first try."""
+    emulator.config.rate_limit, emulator.config.rate_window = 8, 1.0
+    emulator.config.latency = (0.05, 0.1)
+    result = run(write_manifest(simple_rows(images, 48)), "--concurrency", "8")
+    assert result.code == 0, result.err
+    assert emulator.stats.submits_accepted == 48
+    assert result.summary["rate_limited"] <= 24
