@@ -161,7 +161,7 @@ async def run_manifest_async(
     budget: float | None = None,
     price: float = 0.024,
     grace: float = 60.0,
-    poll_floor: float = 0.5,
+    poll_floor: float = 1.0,
     log_file: str | None = None,
     shard: tuple[int, int] | None = None,
     progress: ProgressCallback | None = None,

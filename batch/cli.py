@@ -117,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--poll-floor",
         type=_positive_float,
-        default=float(os.environ.get("WSBATCH_POLL_FLOOR") or 0.5),
+        default=float(os.environ.get("WSBATCH_POLL_FLOOR") or 1.0),
         help="minimum seconds between two polls of one task; the first poll comes after "
-        "twice this until latencies are learned (default 0.5, env WSBATCH_POLL_FLOOR)",
+        "twice this until latencies are learned (default 1, as the vendor asks; "
+        "env WSBATCH_POLL_FLOOR)",
     )
 
     validate = sub.add_parser("validate", help="check a manifest and print the plan; no network")

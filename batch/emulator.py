@@ -347,6 +347,8 @@ class EmulatorStats:
     uploads: int = 0
     polls: int = 0
     polls_by_id: dict[str, int] = field(default_factory=dict)
+    # When each task was polled (monotonic s), to check a client's spacing.
+    poll_monos_by_id: dict[str, list[float]] = field(default_factory=dict)
     downloads: int = 0
     input_downloads: int = 0
     # Keyed "<endpoint kind>:<fault name>", e.g. "submit:429".
@@ -1213,6 +1215,7 @@ class Emulator:
         pid = request.match_info["id"]
         self.stats.polls += 1
         self.stats.polls_by_id[pid] = self.stats.polls_by_id.get(pid, 0) + 1
+        self.stats.poll_monos_by_id.setdefault(pid, []).append(time.monotonic())
         await self._inject("result")
         pred = self.predictions.get(pid)
         if pred is None or pred.deleted:

@@ -365,6 +365,11 @@ class Job:
                     deadline=deadline,
                     retry_on=_transient_not_gone,
                     budgeted=lambda exc: False,
+                    # A retried poll is still a poll: never within the floor of the last.
+                    wait_for=lambda exc, n: max(
+                        DEFAULT_BACKOFF.delay(min(n, 6) - 1, getattr(exc, "retry_after", None)),
+                        res.schedule.floor,
+                    ),
                 )
             except PredictionGone:
                 if time.time() - self.submitted_wall >= GONE_GRACE_S:

@@ -20,7 +20,7 @@ class RunOptions:
     budget: float | None = None
     price: float = DEFAULT_PRICE
     grace: float = 60.0
-    poll_floor: float = 0.5
+    poll_floor: float = 1.0
     handle_signals: bool = True
     shard: tuple[int, int] | None = None
     log_file: str | None = None  # JSON lines; "-" is stderr

@@ -10,6 +10,7 @@ polls. A floor keeps the polls of one task apart.
 from __future__ import annotations
 
 import bisect
+import math
 import random
 from collections import deque
 
@@ -19,6 +20,12 @@ MIN_SAMPLES = 5
 # all by the third: about 1.65 polls a task once learned (fixed 1 s polling of a 1-3 s
 # task takes 3.5), each seen a fifth of the spread late on average.
 QUANTILES = (0.5, 0.85, 1.0)
+# Where a learned grid may start, as quantiles of the recent latencies.
+GRID_STARTS = tuple(i / 40 for i in range(30))
+# One second of completion lag costs as much as this many polls: lag keeps a row waiting
+# for a slot, and the server idle, while a poll is one small request.
+LAG_WEIGHT = 6.0
+GRID_SLACK = 0.1
 
 
 def latency_sample(lower: float, upper: float, reported: float | None) -> float:
@@ -43,7 +50,7 @@ class PollSchedule:
     """
 
     def __init__(
-        self, floor: float = 0.5, first: float | None = None, max_gap: float = 10.0
+        self, floor: float = 1.0, first: float | None = None, max_gap: float = 10.0
     ) -> None:
         self.floor = floor
         self.first = 2 * floor if first is None else first
@@ -52,6 +59,7 @@ class PollSchedule:
         self._sorted: list[float] = []
         self._running: dict[object, float] = {}
         self._cache: tuple[float, list[float]] = (-1.0, [])
+        self._grid_cache: tuple[float, tuple[float, float] | None] = (-2.0, None)
 
     def begin(self, task: object, started: float) -> None:
         """A task was submitted at ``started`` (monotonic seconds)."""
@@ -96,9 +104,52 @@ class PollSchedule:
         self._cache = (now, found)
         return found
 
+    def grid(self, now: float) -> tuple[float, float] | None:
+        """(first poll, last latency seen) of the best grid, once the latencies are known.
+
+        Polls of one task may come no closer than the floor, so the schedule is a grid:
+        a first poll, then one every floor. Where the grid starts decides both costs
+        (early: more polls; late: completions noticed later); it is chosen on the recent
+        latencies to minimise polls + LAG_WEIGHT x lag. A task older than every latency
+        seen goes on to widening gaps."""
+        known = self.quantiles(now)
+        if len(known) < len(QUANTILES) - 1:
+            return None  # too many tasks still running to know the distribution
+        if self._grid_cache[0] == self._cache[0]:
+            return self._grid_cache[1]
+        samples, gap = self._sorted, self.floor
+        n = len(samples)
+        best: tuple[float, float] | None = None
+        for q in GRID_STARTS:
+            start = samples[min(int(q * n), n - 1)]
+            polls = lag = 0.0
+            for latency in samples:
+                k = math.ceil((latency - start) / gap - 1e-9) if latency > start else 0
+                polls += k + 1
+                lag += start + k * gap - latency
+            cost = polls + LAG_WEIGHT * lag
+            if best is None or cost < best[0]:
+                best = (cost, start)
+        assert best is not None
+        found = (best[1], samples[-1])
+        self._grid_cache = (self._cache[0], found)
+        return found
+
     def next_delay(self, elapsed: float, since_last_poll: float | None, now: float) -> float:
         """Seconds from now until the next poll of a task ``elapsed`` seconds old."""
         earliest = 0.0 if since_last_poll is None else max(self.floor - since_last_poll, 0.0)
+        grid = self.grid(now)
+        if grid is not None:
+            start, last = grid
+            at = max(start, elapsed + earliest)
+            if at > start:
+                # The next grid point; a poll that answered a little late must not push
+                # the task a whole step back, but the floor always holds.
+                steps = math.ceil((at - start) / self.floor - GRID_SLACK)
+                at = max(start + steps * self.floor, elapsed + earliest)
+            if at <= last + self.floor:
+                return at - elapsed
+            return max(self._widening(elapsed, last, 0.5) - elapsed, earliest)
         known = self.quantiles(now)
         for t in known:
             if t > elapsed + earliest:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 from batch.polling import QUANTILES, PollSchedule, latency_sample
@@ -12,7 +13,8 @@ def simulate(
 ) -> tuple[float, float]:
     """Poll one task at a time as the runner would; return (polls per task, mean lag).
 
-    ``reported``: the server states each task's inference time, as the API does."""
+    ``reported``: the server states each task's inference time, as the API does.
+    Asserts on the way that no two polls of one task come closer than the floor."""
     polls = lag = 0.0
     now = 1000.0
     for latency in latencies:
@@ -22,6 +24,7 @@ def simulate(
             elapsed = now - started
             since = None if last_poll is None else now - last_poll
             now += schedule.next_delay(elapsed, since, now)
+            assert since is None or now - last_poll >= schedule.floor - 1e-9
             polls += 1
             last_poll = now
             if now - started >= latency:
@@ -83,3 +86,14 @@ def test_latency_sample_stays_inside_what_the_polls_bracket():
     assert latency_sample(1.0, 2.0, 0.2) == 1.0
     assert latency_sample(1.0, 2.0, 9.0) == 2.0
     assert all(1.0 <= latency_sample(1.0, 2.0, None) <= 2.0 for _ in range(100))
+
+
+def test_seconds_long_tasks_with_a_spread_use_a_third_of_the_polls():
+    """Lognormal 6 s tasks: polls 1 s apart at most, under half the SDK's polls, lag near
+    its half second."""
+    rng = random.Random(6)
+    latencies = [6.0 * math.exp(0.3 * rng.gauss(0, 1)) for _ in range(600)]
+    polls, lag = simulate(PollSchedule(floor=1.0), latencies)
+    fixed_polls = sum(int(x) + 2 for x in latencies) / len(latencies)
+    assert polls <= 0.5 * fixed_polls
+    assert lag <= 0.65

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -167,6 +168,7 @@ class EmulatorProcess:
     """``wsbatch emulator`` in its own process, with its timing state read over HTTP."""
 
     def __init__(self, latency: tuple[float, float], extra: Sequence[str] = ()) -> None:
+        # ``extra`` may override the latency (``--latency-lognormal``) and add limits or faults.
         self.latency = latency
         self.extra = list(extra)
         self.base_url = ""
@@ -297,6 +299,48 @@ def timing(state: dict[str, Any]) -> dict[str, float]:
     }
 
 
+# Submit faults the emulator raises before creating anything (``_inject``): the request is
+# not counted in submits_accepted or submits_rejected, only in ``faults``.
+_PRE_CREATION_FAULTS = ("429", "500", "502", "503", "drop", "401", "403", "404")
+
+
+def poll_times(state: dict[str, Any]) -> dict[str, list[float]] | None:
+    """Every result poll's arrival time (monotonic s) per prediction id, if the emulator
+    records them: ``stats.poll_monos_by_id``, or ``poll_monos`` on each prediction."""
+    by_id = state["stats"].get("poll_monos_by_id")
+    if isinstance(by_id, dict):
+        return {str(k): [float(t) for t in v] for k, v in by_id.items()}
+    found = {p["id"]: p["poll_monos"] for p in state["predictions"] if "poll_monos" in p}
+    return {k: [float(t) for t in v] for k, v in found.items()} if found else None
+
+
+def close_polls(state: dict[str, Any], gap_s: float = 1.0) -> int | None:
+    """Polls of one task that came under ``gap_s`` after that task's previous poll
+    (None when the emulator does not record poll times)."""
+    times = poll_times(state)
+    if times is None:
+        return None
+    close = 0
+    for stamps in times.values():
+        ordered = sorted(stamps)
+        close += sum(1 for a, b in itertools.pairwise(ordered) if b - a < gap_s)
+    return close
+
+
+def submit_figures(state: dict[str, Any]) -> dict[str, int]:
+    """Submit requests the emulator received, and how many of them it answered 429."""
+    stats = state["stats"]
+    faults: dict[str, int] = stats.get("faults", {})
+    early = sum(int(faults.get(f"submit:{f}", 0)) for f in _PRE_CREATION_FAULTS)
+    submits = int(stats["submits_accepted"]) + int(stats["submits_rejected"]) + early
+    # Window-limit refusals (rate_limited) plus injected random 429s on submit.
+    refused = int(stats.get("rate_limited", 0)) + int(faults.get("submit:429", 0))
+    all_429 = int(stats.get("rate_limited", 0)) + sum(
+        int(n) for key, n in faults.items() if key.endswith(":429")
+    )
+    return {"submit_requests": submits, "submit_429s": refused, "all_429s": all_429}
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
@@ -316,14 +360,17 @@ def write_results(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
-_NUMBER = re.compile(r"-?[0-9][0-9.,]*x?")
+_NUMBER = re.compile(r"[<>]?-?[0-9][0-9.,]*[x%]?(/[0-9]+)?")
+# Cells that say "no figure"; they do not make a numeric column textual.
+_BLANKS = frozenset({"", "-", "n/a"})
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A plain fixed-width text table: numeric columns right-aligned, text left-aligned."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     numeric = [
-        all(_NUMBER.fullmatch(r[i]) for r in rows if r[i]) and any(r[i] for r in rows)
+        all(_NUMBER.fullmatch(r[i]) for r in rows if r[i] not in _BLANKS)
+        and any(r[i] not in _BLANKS for r in rows)
         for i in range(len(headers))
     ]
 
