@@ -25,6 +25,7 @@ from batch.export import METADATA_NAME, write_metadata
 from batch.ledger import ledger_name, ledger_paths, read_ledgers
 from batch.lock import OutDirLock
 from batch.manifest import Manifest, load_manifest, shard_of
+from batch.options import default_poll_floor
 from batch.runner import PlanCallback, ProgressCallback, Runner, RunOptions, Summary
 from batch.state import LedgerState, RowState, RowStatus
 
@@ -161,7 +162,7 @@ async def run_manifest_async(
     budget: float | None = None,
     price: float = 0.024,
     grace: float = 60.0,
-    poll_floor: float = 1.0,
+    poll_floor: float | None = None,
     log_file: str | None = None,
     shard: tuple[int, int] | None = None,
     progress: ProgressCallback | None = None,
@@ -190,7 +191,7 @@ async def run_manifest_async(
         budget=budget,
         price=price,
         grace=grace,
-        poll_floor=poll_floor,
+        poll_floor=poll_floor if poll_floor is not None else default_poll_floor(),
         log_file=log_file,
         handle_signals=handle_signals,
         shard=shard,

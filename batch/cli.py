@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--poll-floor",
         type=_positive_float,
-        default=float(os.environ.get("WSBATCH_POLL_FLOOR") or 1.0),
+        default=None,
         help="minimum seconds between two polls of one task; the first poll comes after "
         "twice this until latencies are learned (default 1, as the vendor asks; "
         "env WSBATCH_POLL_FLOOR)",

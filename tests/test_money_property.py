@@ -65,7 +65,7 @@ def check(emu, out, summary: dict | None) -> None:
     assert len(pids) == len(set(pids))
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", range(4))
 def test_random_faults_and_endings_never_hide_a_billed_task(seed, tmp_path, images, write_manifest):
     """Whatever faults and stops come, every billed task is recorded and views agree."""
     rng = random.Random(seed)
