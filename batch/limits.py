@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ REBRACKET = 4  # find the turn precisely again after this many windows
 # the limit may have risen, or the 429s were a passing storm.
 GROWTH = 1.5
 GROW_AFTER = 2
+UNLEARNED_OUTSTANDING = 4
 
 
 @dataclass(slots=True)
@@ -44,6 +46,7 @@ class Slot:
 
     sent_at: float
     probe: bool
+    extra: bool = False  # beyond the quota last confirmed: a try at a higher limit
 
 
 class SubmitLimiter:
@@ -77,6 +80,10 @@ class SubmitLimiter:
         self._precise = 0  # turns found to within a step
         self._unbracketed = 0  # turns found since the last precise one
         self._clean_windows = 0
+        self._confirmed: float | None = None  # the quota before a try at a higher one
+        self._extra_out = False
+        self._outstanding = 0  # submits granted and not yet answered
+        self._recent_accepts: deque[float] = deque()
 
     # -- asking --------------------------------------------------------------
 
@@ -100,18 +107,38 @@ class SubmitLimiter:
         if self._spent() and self._turn is not None and self.window is not None:
             self._start_probing(self._next_turn())
             return max(wait, self._probe_at - now)
+        if self.quota is None and self._outstanding >= self._unlearned_cap(now):
+            # Nothing known yet: no more submits in the air at once than were accepted
+            # in the last second (and a few), so that a limit reached costs a few 429s,
+            # not one per worker that came free together.
+            return max(wait, 1.0)
+        if self._extra_out and self._beyond_confirmed():
+            return max(wait, 1.0)  # one try past the known limit at a time; its answer wakes us
         return wait
+
+    def _unlearned_cap(self, now: float) -> int:
+        recent = self._recent_accepts
+        while recent and recent[0] < now - 1.0:
+            recent.popleft()
+        return max(UNLEARNED_OUTSTANDING, len(recent))
+
+    def _beyond_confirmed(self) -> bool:
+        return self._confirmed is not None and self._accepted >= self._confirmed
 
     def _spent(self) -> bool:
         return self.quota is not None and self._accepted >= self.quota
 
     def _grant(self, now: float) -> Slot:
+        self._outstanding += 1
         self._next_at = max(self._next_at, now + self.interval)
         if self._first_sent is None:
             self._first_sent = now
         if self._probing:
             self._probe_out = True
             return Slot(now, probe=True)
+        if self._beyond_confirmed():
+            self._extra_out = True
+            return Slot(now, probe=False, extra=True)
         return Slot(now, probe=False)
 
     def _next_turn(self) -> float:
@@ -139,6 +166,11 @@ class SubmitLimiter:
     # -- outcomes ------------------------------------------------------------
 
     def on_success(self, slot: Slot) -> None:
+        self._outstanding = max(self._outstanding - 1, 0)
+        if self.quota is None:
+            self._recent_accepts.append(self._clock())
+        if slot.extra:
+            self._extra_out = False
         if slot.probe and self._probing:
             self._found_turn(self._clock())
         else:
@@ -167,10 +199,16 @@ class SubmitLimiter:
             self._anchor = now
             self._precise += 1
             self._unbracketed = 0
+        if self._clean and self._confirmed is not None:
+            self._confirmed = max(self._confirmed, self._accepted)  # a higher limit held
         if self._clean and self._spent() and self.quota is not None:
             self._clean_windows += 1
             if self._clean_windows >= GROW_AFTER:
-                self.quota *= GROWTH  # spent and never refused: the limit may have risen
+                # Spent and never refused: the limit may have risen. What is sent past the
+                # quota goes one submit at a time, so a limit that has not risen costs
+                # one 429, not one per worker.
+                self._confirmed = max(self._confirmed or 0.0, self.quota)
+                self.quota *= GROWTH
                 self._clean_windows = 0
         self._turn = now
         self._accepted = 1
@@ -180,6 +218,9 @@ class SubmitLimiter:
 
     def on_other(self, slot: Slot) -> None:
         """The submit ended some other way (5xx, dropped): it told us nothing."""
+        self._outstanding = max(self._outstanding - 1, 0)
+        if slot.extra:
+            self._extra_out = False
         if slot.probe and self._probing:
             self._probe_out = False
             self._probe_at = self._clock()
@@ -187,6 +228,9 @@ class SubmitLimiter:
 
     def on_rate_limited(self, slot: Slot, retry_after: float | None) -> None:
         self.rate_limited += 1
+        self._outstanding = max(self._outstanding - 1, 0)
+        if slot.extra:
+            self._extra_out = False
         now = self._clock()
         self._wake.set()
         if retry_after is not None:
@@ -211,6 +255,7 @@ class SubmitLimiter:
         self._clean = False
         self._clean_windows = 0
         self.quota = float(max(self._accepted, 1))
+        self._confirmed = None  # the quota is what held; nothing is tried past it now
         if self._turn is not None and self.window is not None:
             self._start_probing(self._next_turn())
         else:
