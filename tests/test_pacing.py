@@ -99,3 +99,20 @@ def test_a_run_under_a_window_limit_learns_it(run, images, write_manifest, emula
     assert result.code == 0, result.err
     assert emulator.stats.submits_accepted == 48
     assert result.summary["rate_limited"] <= 24
+
+
+def test_workers_freed_together_send_a_few_submits_until_a_limit_is_known():
+    """Before any 429, only a few submits (or a second's worth of accepted ones) are in
+    the air at once: hitting an unknown limit costs a few 429s, not one per worker."""
+    clock = Clock()
+    pacer = SubmitLimiter(clock=clock)
+    granted = [pacer._grant(0.0) for _ in range(4)]
+    assert pacer._wait(0.0) > 0  # a fifth waits for an answer
+    for slot in granted:
+        pacer.on_success(slot)
+    assert pacer._wait(0.01) <= 0  # answered: four more may go
+    more = [pacer._grant(0.01) for _ in range(4)]
+    clock.now = 0.02
+    for slot in more:
+        pacer.on_rate_limited(slot, None)
+    assert pacer.signals == 1 and pacer.quota == 4
