@@ -19,25 +19,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+from batch.account import Estimate, Prices, estimate, live_prices
 from batch.client import DEFAULT_BASE_URL, Client, check_base_url
 from batch.errors import UsageError
 from batch.export import METADATA_NAME, write_metadata
 from batch.ledger import ledger_name, ledger_paths, read_ledgers
 from batch.lock import OutDirLock
-from batch.manifest import Manifest, load_manifest, shard_of
-from batch.options import default_poll_floor
+from batch.manifest import Manifest, Row, load_manifest, shard_of
+from batch.options import default_poll_floor, default_settle_delay
+from batch.outputs import existing_files
 from batch.runner import PlanCallback, ProgressCallback, Runner, RunOptions, Summary
-from batch.state import LedgerState, RowState, RowStatus
+from batch.state import Action, LedgerState, RowState, RowStatus, count_actions, plan_row
 
 P = ParamSpec("P")
 T = TypeVar("T")
 SHARD_INDEX_VARIABLES = ("JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX")
 
 __all__ = [
+    "Estimate",
     "Ledger",
     "Manifest",
     "RowStatus",
     "Summary",
+    "estimate_manifest_async",
     "load_manifest",
     "parse_shard",
     "run_manifest",
@@ -192,6 +196,7 @@ async def run_manifest_async(
         price=price,
         grace=grace,
         poll_floor=poll_floor if poll_floor is not None else default_poll_floor(),
+        settle_delay=default_settle_delay(),
         log_file=log_file,
         handle_signals=handle_signals,
         shard=shard,
@@ -215,6 +220,47 @@ async def run_manifest_async(
         if summary.completed > summary.already_done or not (target / METADATA_NAME).exists():
             await asyncio.to_thread(write_metadata, target)
     return summary
+
+
+def _plans(
+    manifest: Manifest, out_dir: Path, retry_failed: bool
+) -> tuple[dict[str, int], float, list[Row]]:
+    state = read_ledgers(ledger_paths(out_dir), keep_last=False)
+    files = existing_files(out_dir)
+    plans = [
+        (row, plan_row(state.rows.get(row.id), row.fingerprint, files, retry_failed))
+        for row in manifest.rows
+    ]
+    to_submit = [row for row, plan in plans if plan.action is Action.SUBMIT]
+    return count_actions(plan for _, plan in plans), state.spend, to_submit
+
+
+def estimate_offline(
+    manifest: Manifest, out_dir: Path, retry_failed: bool, price: float
+) -> Estimate:
+    """The plan and its cost at ``price``, from the folder's ledgers alone."""
+    counts, spent, to_submit = _plans(manifest, out_dir, retry_failed)
+    return estimate(counts, spent, to_submit, Prices(price), None)
+
+
+async def estimate_manifest_async(
+    manifest: Manifest,
+    *,
+    out_dir: Path,
+    api_key: str | None = None,
+    base_url: str | None = None,
+    retry_failed: bool = False,
+    price: float = 0.024,
+) -> Estimate:
+    """The plan, priced live, with the account's balance; it submits nothing."""
+    url = check_base_url(base_url or os.environ.get("WAVESPEED_BASE_URL") or DEFAULT_BASE_URL)
+    key = _resolve_key(api_key)
+    counts, spent, to_submit = await asyncio.to_thread(_plans, manifest, out_dir, retry_failed)
+    async with Client(url, key.value, connections=4) as client:
+        prices, balance = await asyncio.gather(
+            live_prices(client, to_submit, price), client.balance()
+        )
+    return estimate(counts, spent, to_submit, prices, balance)
 
 
 def _blocking(

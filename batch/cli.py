@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from batch import __version__
-from batch.api import default_out_dir, parse_shard, run_manifest_async
+from batch.account import Estimate, describe, shortfall
+from batch.api import (
+    default_out_dir,
+    estimate_manifest_async,
+    estimate_offline,
+    parse_shard,
+    run_manifest_async,
+)
 from batch.client import DEFAULT_BASE_URL, check_base_url
 from batch.errors import BatchError, UsageError
 from batch.ledger import LEDGER_NAME, ledger_paths, read_ledgers
@@ -33,9 +40,8 @@ from batch.manifest import (
     load_manifest,
     manifest_from_args,
 )
-from batch.outputs import existing_files
 from batch.runner import Progress, Summary
-from batch.state import RowStatus, count_actions, plan_row
+from batch.state import RowStatus
 
 DEFAULT_PRICE = 0.024
 LOG_INTERVAL = 10.0
@@ -123,9 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
         "env WSBATCH_POLL_FLOOR)",
     )
 
-    validate = sub.add_parser("validate", help="check a manifest and print the plan; no network")
+    validate = sub.add_parser(
+        "validate", help="check a manifest and print the plan; no network unless --online"
+    )
     validate.add_argument("manifest", type=Path, nargs="?")
     _add_plan_options(validate)
+    validate.add_argument(
+        "--online", action="store_true", help="also ask the API for the live price and balance"
+    )
+    validate.add_argument("--base-url", help="API base URL, with --online")
+    validate.add_argument("--api-key-file", type=Path, help="read the key from this file")
 
     report = sub.add_parser("report", help="write OUT_DIR/report.html from the ledger")
     report.add_argument("out_dir", type=Path)
@@ -254,36 +267,31 @@ def _api_key(args: argparse.Namespace) -> str | None:
 # -- validate ----------------------------------------------------------------
 
 
-def _plan_counts(
-    manifest: Manifest, out_dir: Path, retry_failed: bool
-) -> tuple[dict[str, int], float]:
-    """What a run would do per row, and what this folder has spent so far."""
-    state = read_ledgers(ledger_paths(out_dir), keep_last=False)
-    files = existing_files(out_dir)
-    plans = (
-        plan_row(state.rows.get(r.id), r.fingerprint, files, retry_failed) for r in manifest.rows
-    )
-    return count_actions(plans), state.spend
-
-
-def _plan_line(counts: dict[str, int], price: float, spent: float) -> str:
-    total = sum(counts.values())
-    cost = counts["submit"] * price
-    line = (
-        f"{total} rows: {counts['done']} done, {counts['poll']} to poll, "
-        f"{counts['submit']} to submit, {counts['failed']} failed"
-        f"; estimated cost ${cost:.2f} ({counts['submit']} x ${price:g})"
-    )
-    return line + (f"; ${spent:.2f} spent in this folder so far" if spent else "")
-
-
 def _cmd_validate(args: argparse.Namespace) -> int:
     manifest = _load(args)
     out_dir = _out_dir(args, manifest)
     price = _setting(args, manifest, "price", DEFAULT_PRICE)
-    counts, spent = _plan_counts(manifest, out_dir, args.retry_failed)
+    if args.online:
+        base_url = check_base_url(
+            args.base_url or os.environ.get("WAVESPEED_BASE_URL") or DEFAULT_BASE_URL
+        )
+        plan = asyncio.run(
+            estimate_manifest_async(
+                manifest,
+                out_dir=out_dir,
+                api_key=_api_key(args),
+                base_url=base_url,
+                retry_failed=args.retry_failed,
+                price=price,
+            )
+        )
+    else:
+        plan = estimate_offline(manifest, out_dir, args.retry_failed, price)
     print(f"{manifest.path}: OK, model {manifest.model}, output to {out_dir}")
-    print(_plan_line(counts, price, spent))
+    print(describe(plan))
+    warning = shortfall(plan)
+    if warning:
+        print(f"warning: {warning}")
     return 0
 
 
@@ -372,9 +380,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     quiet = args.quiet
     label = f" (shard {shard[0]}/{shard[1]})" if shard else ""
 
-    def show_plan(counts: dict[str, int], spent: float) -> None:
+    def show_plan(plan: Estimate) -> None:
+        warning = shortfall(plan)
         if not quiet:
-            print(f"wsbatch: {_plan_line(counts, price, spent)}{label}", file=sys.stderr)
+            print(f"wsbatch: {describe(plan)}{label}", file=sys.stderr)
+        if warning:
+            print(f"wsbatch: warning: {warning}", file=sys.stderr)
 
     view = _ProgressView(len(manifest.rows), enabled=not (args.no_progress or quiet))
     settings["concurrency"] = _fit_open_file_limit(settings["concurrency"])

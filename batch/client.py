@@ -1,4 +1,5 @@
-"""The WaveSpeed v3 calls a batch needs: upload, submit, poll, list, price.
+"""The WaveSpeed v3 calls a batch needs: upload, submit, poll, list, billings, price,
+balance.
 
 Each call is one request (two for an upload ticket) through the transport; every
 failure leaves as a classified error (``ApiError`` with ``retryable`` and
@@ -8,6 +9,7 @@ here sleeps or retries.
 
 from __future__ import annotations
 
+import math
 import mimetypes
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,7 +31,16 @@ from batch.transport import (
     transport_error,
 )
 
-__all__ = ["DEFAULT_BASE_URL", "Client", "Prediction", "Timeouts", "check_base_url"]
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "Billed",
+    "Client",
+    "Listed",
+    "Listing",
+    "Prediction",
+    "Timeouts",
+    "check_base_url",
+]
 
 FAILED_STATUSES = frozenset({"failed", "cancelled", "canceled", "timeout"})
 GONE_STATUSES = frozenset({"deleted"})
@@ -59,6 +70,70 @@ class Listed:
     model: str | None
     created_at: str | None
     inputs: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    items: tuple[Listed, ...]
+    complete: bool  # every page was read
+
+
+@dataclass(frozen=True, slots=True)
+class Billed:
+    """One charge from the account's billing records."""
+
+    prediction_id: str
+    amount: float
+    status: str | None
+    refunded: bool
+    model: str | None
+
+
+MAX_LIST_PAGES = 50
+PAGE_SIZE = 100
+
+
+def _iso(when: float) -> str:
+    return datetime.fromtimestamp(when, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _amount(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) and value >= 0 else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _listed(item: Any) -> Listed | None:
+    if not isinstance(item, dict) or not isinstance(item.get("id"), str) or not item["id"]:
+        return None
+    # The documented items carry no inputs; the vendor's own CLI reads either name.
+    inputs = item.get("input", item.get("inputs"))
+    return Listed(
+        id=item["id"],
+        model=_text(item.get("model")),
+        created_at=_text(item.get("created_at")),
+        inputs=inputs if isinstance(inputs, dict) else None,
+    )
+
+
+def _billed(item: Any) -> Billed | None:
+    if not isinstance(item, dict):
+        return None
+    pid = item.get("prediction_id", item.get("prediction_uuid"))
+    amount = _amount(item.get("amount"))
+    if not isinstance(pid, str) or not pid or amount is None:
+        return None
+    return Billed(
+        prediction_id=pid,
+        amount=amount,
+        status=_text(item.get("status")),
+        refunded=item.get("refunded") is True,
+        model=_text(item.get("model")),
+    )
 
 
 class Client:
@@ -167,51 +242,89 @@ class Client:
     async def fetch_output(self, value: str, expected_format: str) -> bytes:
         return await self.outputs.fetch(value, expected_format)
 
-    async def list_predictions(self, model: str, since: float) -> list[Listed]:
-        """The account's predictions of ``model`` created since ``since`` (epoch s),
-        newest first, up to one page of 100."""
-        after = datetime.fromtimestamp(since, UTC).isoformat().replace("+00:00", "Z")
-        data = await self.transport.api(
-            "POST",
-            "/api/v3/predictions",
-            json_body={"page": 1, "page_size": 100, "model": model, "created_after": after},
-            read_timeout=self.timeouts.poll,
-            what="list",
-        )
-        items = data.get("items")
+    async def list_predictions(
+        self, model: str | None, since: float, until: float | None = None
+    ) -> Listing:
+        """The account's predictions (of ``model``, when given) created between ``since``
+        and ``until`` (epoch s), newest first; ``complete`` is False when there were more
+        than ``MAX_LIST_PAGES`` pages."""
+        body: dict[str, Any] = {"created_after": _iso(since)}
+        if until is not None:
+            body["created_before"] = _iso(until)
+        if model:
+            body["model"] = model
         found: list[Listed] = []
-        for item in items if isinstance(items, list) else []:
-            if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-                continue
-            inputs = item.get("input", item.get("inputs"))
-            found.append(
-                Listed(
-                    id=item["id"],
-                    model=item.get("model") if isinstance(item.get("model"), str) else None,
-                    created_at=item.get("created_at")
-                    if isinstance(item.get("created_at"), str)
-                    else None,
-                    inputs=inputs if isinstance(inputs, dict) else None,
-                )
-            )
-        return found
-
-    async def price(self, model: str, inputs: Mapping[str, Any]) -> float | None:
-        try:
+        for page in range(1, MAX_LIST_PAGES + 1):
             data = await self.transport.api(
                 "POST",
-                "/api/v3/model/price",
-                json_body={"model_id": model, "inputs": dict(inputs)},
+                "/api/v3/predictions",
+                json_body={**body, "page": page, "page_size": PAGE_SIZE},
                 read_timeout=self.timeouts.poll,
-                what="price",
+                what="list",
+            )
+            items = data.get("items")
+            items = items if isinstance(items, list) else []
+            found += (listed for item in items if (listed := _listed(item)) is not None)
+            if len(items) < PAGE_SIZE:
+                return Listing(tuple(found), complete=True)
+        return Listing(tuple(found), complete=False)
+
+    async def billings(self, since: float, until: float) -> tuple[Billed, ...]:
+        """What the account was charged per prediction created in [since, until]."""
+        found: list[Billed] = []
+        for page in range(1, MAX_LIST_PAGES + 1):
+            data = await self.transport.api(
+                "POST",
+                "/api/v3/billings/search",
+                json_body={
+                    "created_after": _iso(since),
+                    "created_before": _iso(until),
+                    "page": page,
+                    "page_size": PAGE_SIZE,
+                },
+                read_timeout=self.timeouts.poll,
+                what="billings",
+            )
+            items = data.get("items")
+            items = items if isinstance(items, list) else []
+            found += (billed for item in items if (billed := _billed(item)) is not None)
+            if len(items) < PAGE_SIZE:
+                break
+        return tuple(found)
+
+    async def price(self, model: str, inputs: Mapping[str, Any]) -> float | None:
+        """One task's live price for these inputs: the current endpoint, then the older
+        one; None when neither answers (offline, or an account without them)."""
+        for path in ("/api/v3/model/price", "/api/v3/model/pricing"):
+            try:
+                data = await self.transport.api(
+                    "POST",
+                    path,
+                    json_body={"model_id": model, "inputs": dict(inputs)},
+                    read_timeout=self.timeouts.poll,
+                    what="price",
+                )
+            except ApiError as exc:
+                if exc.status in (404, 405):
+                    continue  # this shape is not served here: try the other
+                return None
+            # What is charged: the discounted price where the account has a discount.
+            for key in ("discounted_price", "price", "unit_price"):
+                amount = _amount(data.get(key))
+                if amount is not None:
+                    return amount
+            return None
+        return None
+
+    async def balance(self) -> float | None:
+        """The account's credit in USD, or None when it cannot be read."""
+        try:
+            data = await self.transport.api(
+                "GET", "/api/v3/balance", read_timeout=self.timeouts.poll, what="balance"
             )
         except ApiError:
             return None
-        for key in ("unit_price", "price"):
-            value = data.get(key)
-            if isinstance(value, int | float) and value >= 0:
-                return float(value)
-        return None
+        return _amount(data.get("balance"))
 
     # -- uploads -----------------------------------------------------------
 

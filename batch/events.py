@@ -14,7 +14,13 @@ A submit's life in the ledger::
       -> submit_unknown   sent, no usable answer: maybe created, counted as a
                           possible duplicate and as spend
     an intent with none of these after it (a kill in between) counts like
-    submit_unknown.
+    submit_unknown, until
+
+    submit_settled        the account's listing settled an unknown outcome: nothing
+                          was created ("absent": no longer a possible duplicate), or
+                          a task no ledger knows was created since ("orphan": it stays
+                          a possible duplicate, now with its id). A task that matches
+                          every field sent is adopted instead, with ``submitted``.
 """
 
 from __future__ import annotations
@@ -85,6 +91,11 @@ class Submitting:
     intent: str
     price: float
     fingerprint: str | None = None
+    # sha256 of the request's fields (``request_keys``) as canonical JSON: what lets a
+    # listing that carries inputs prove, later, that a task is this request and no other.
+    request_sha: str | None = None
+    request_keys: tuple[str, ...] = ()
+    model: str | None = None
     kind = "submitting"
 
 
@@ -124,6 +135,21 @@ class SubmitUnknown:
     error: str
     status: int | None = None
     kind = "submit_unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitSettled:
+    """An unknown submit outcome, settled from the account's listing."""
+
+    row: str
+    intent: str
+    outcome: str  # "absent" or "orphan"
+    prediction_id: str | None = None  # the orphan
+    kind = "submit_settled"
+
+
+ABSENT = "absent"
+ORPHAN = "orphan"
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,11 +215,14 @@ Event = (
     | Submitted
     | SubmitRefused
     | SubmitUnknown
+    | SubmitSettled
     | Completed
     | Failed
     | Finished
 )
-RowEvent = Submitting | Submitted | SubmitRefused | SubmitUnknown | Completed | Failed
+RowEvent = (
+    Submitting | Submitted | SubmitRefused | SubmitUnknown | SubmitSettled | Completed | Failed
+)
 
 # Statuses after which a prediction will never complete.
 TERMINAL_FAILURES = frozenset({"failed", "cancelled", "canceled", "timeout"})
@@ -213,6 +242,12 @@ def encode(event: Event) -> dict[str, Any]:
         out[name] = value
     if isinstance(event, Submitted | Failed) and not event.possible_duplicates:
         del out["possible_duplicates"]
+    if isinstance(event, Submitting) and event.request_sha is None:
+        del out["request_sha"], out["request_keys"]
+    if isinstance(event, Submitting) and event.model is None:
+        del out["model"]
+    if isinstance(event, SubmitSettled) and event.prediction_id is None:
+        del out["prediction_id"]
     return out
 
 
@@ -254,6 +289,9 @@ def _submitting(d: Mapping[str, Any]) -> Submitting | None:
         intent=intent,
         price=_float(d.get("price")) or 0.0,
         fingerprint=_str(d.get("fingerprint")),
+        request_sha=_str(d.get("request_sha")),
+        request_keys=_strs(d.get("request_keys")),
+        model=_str(d.get("model")),
     )
 
 
@@ -284,6 +322,16 @@ def _settled(cls: type[SubmitRefused] | type[SubmitUnknown]) -> Callable[..., An
         return cls(row, intent, _str(d.get("error")) or "", _int(d.get("status")))
 
     return decode_settled
+
+
+def _submit_settled(d: Mapping[str, Any]) -> SubmitSettled | None:
+    row, intent, outcome = _str(d.get("row")), _str(d.get("intent")), _str(d.get("outcome"))
+    if row is None or intent is None or outcome not in (ABSENT, ORPHAN):
+        return None
+    pid = _str(d.get("prediction_id"))
+    if outcome == ORPHAN and not pid:
+        return None
+    return SubmitSettled(row, intent, outcome, pid if outcome == ORPHAN else None)
 
 
 def _request(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -355,6 +403,7 @@ _DECODERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "submitted": _submitted,
     "submit_refused": _settled(SubmitRefused),
     "submit_unknown": _settled(SubmitUnknown),
+    "submit_settled": _submit_settled,
     "completed": _completed,
     "failed": _failed,
     "finished": _finished,

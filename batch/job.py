@@ -15,13 +15,21 @@ import hashlib
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from batch.account import Prices
 from batch.client import Client, Prediction
 from batch.errors import ApiError, AuthError, BatchError, OutputError, PredictionGone, TaskFailed
-from batch.events import Completed, Failed, SubmitRefused, Submitted, SubmitUnknown
+from batch.events import (
+    Completed,
+    Failed,
+    SubmitRefused,
+    Submitted,
+    Submitting,
+    SubmitUnknown,
+)
 from batch.ledger import LedgerWriter
 from batch.limits import SubmitLimiter
 from batch.manifest import SEED_MAX, Row
@@ -30,7 +38,8 @@ from batch.options import RunOptions
 from batch.outputs import output_names, write_atomic
 from batch.polling import PollSchedule, latency_sample
 from batch.retry import DEFAULT_BACKOFF, DeadlinePassed, retrying
-from batch.spend import SpendGuard
+from batch.settle import Settler, request_digest
+from batch.spend import SpendGuard, new_intent
 from batch.state import GONE_CODE, LedgerState, Plan, parse_ts
 from batch.stop import Stopped, StopSignal
 from batch.uploads import UploadCache
@@ -41,8 +50,6 @@ UPLOAD_EXPIRED_CODE = 1402
 # The vendor's store may not know a task for a moment after answering its submit: a
 # 404 for a prediction younger than this means "not yet", never "gone".
 GONE_GRACE_S = 300.0
-# Lost submit answers are looked for among tasks created this long before the send.
-LISTING_SLACK_S = 120.0
 # 429s refuse without creating anything, so they do not use up --retries; this many
 # in a row for one submit means the account's limit is far below what the run asks.
 MAX_RATE_LIMITED = 50
@@ -60,6 +67,8 @@ class Resources:
     writer: LedgerWriter
     state: LedgerState
     guard: SpendGuard
+    settler: Settler
+    prices: Prices
     limiter: SubmitLimiter
     uploads: UploadCache
     schedule: PollSchedule
@@ -88,13 +97,6 @@ def request_fields(row: Row) -> dict[str, Any]:
         "image": row.image,
         "image_path": str(row.image_path) if row.image_path is not None else None,
     }
-
-
-def full_match(inputs: Mapping[str, Any] | None, payload: Mapping[str, Any]) -> bool:
-    """Every field we sent came back unchanged: nothing less adopts a task for a row."""
-    return inputs is not None and all(
-        k in inputs and inputs[k] == v and type(inputs[k]) is type(v) for k, v in payload.items()
-    )
 
 
 class Job:
@@ -229,14 +231,26 @@ class Job:
         res, row = self.res, self.row
         with res.stop.interruptible():
             slot = await res.limiter.acquire()
+        intent = Submitting(
+            row=row.id,
+            seed=self.seed,
+            intent=new_intent(),
+            price=res.prices.of(row.model),
+            fingerprint=row.fingerprint,
+            request_sha=request_digest(payload),
+            request_keys=tuple(payload),
+            model=row.model,
+        )
         try:
-            intent = await res.guard.reserve(row.id, self.seed, row.fingerprint)
+            await res.guard.reserve(intent)
         except BaseException:
             res.limiter.on_other(slot)  # never sent: a probe slot must not stay taken
             raise
-        sent_at = time.time()
+        send = None
         try:
-            pid = await res.client.submit(row.model, payload)
+            with res.settler.sending() as send:
+                pid = await res.client.submit(row.model, payload)
+                send.pid = pid
         except ApiError as exc:
             if _is_429(exc):
                 res.limiter.on_rate_limited(slot, exc.retry_after)
@@ -246,48 +260,59 @@ class Job:
                 res.limiter.on_other(slot)
             if not exc.outcome_unknown:
                 res.guard.release()
-                await res.writer.write(SubmitRefused(row.id, intent, exc.message, exc.status))
+                await res.writer.write(
+                    SubmitRefused(row.id, intent.intent, exc.message, exc.status)
+                )
                 self._stop_if_told_to_wait_too_long(exc)
                 raise
-            found: str | None = None
-            try:
-                found = await self._find_lost(payload, sent_at)
-            finally:
-                # Even if the look-up itself is interrupted, the lost answer is counted.
-                if found is None:
-                    await res.writer.write(SubmitUnknown(row.id, intent, exc.message, exc.status))
-            res.metrics.note("submit answer lost", row=row.id, error=exc.message, adopted=found)
-            if found is None:
+            # Counted as a possible duplicate first, whatever the look-up below finds.
+            await res.writer.write(SubmitUnknown(row.id, intent.intent, exc.message, exc.status))
+            res.metrics.note("submit answer lost", row=row.id, error=exc.message)
+            adopted = await self._settle_lost(intent.intent, send.end if send else math.inf)
+            if adopted is None:
                 raise
-            res.metrics.reconciled += 1
-            pid = found
+            self.pid = adopted
+            return adopted
         except AuthError as exc:
             res.limiter.on_other(slot)
             res.guard.release()  # 401/403 create nothing
-            await res.writer.write(SubmitRefused(row.id, intent, str(exc)))
+            await res.writer.write(SubmitRefused(row.id, intent.intent, str(exc)))
             raise
         except BaseException as exc:
             res.limiter.on_other(slot)
             # Cancelled mid-request (a second Ctrl-C), or a bug: the request may be out.
             # The line is queued before the await, so it is written even if we are cancelled.
-            await res.writer.write(SubmitUnknown(row.id, intent, f"interrupted: {exc!r}"))
+            await res.writer.write(SubmitUnknown(row.id, intent.intent, f"interrupted: {exc!r}"))
             raise
         res.limiter.on_success(slot)
         self.pid = pid  # known from here on, whatever happens to the line below
-        known = res.state.rows.get(row.id)
         await res.writer.write(
             Submitted(
                 row=row.id,
                 prediction_id=pid,
                 seed=self.seed,
-                attempt=(known.submits if known is not None else 0) + 1,
-                intent=intent,
-                price=res.guard.price,
+                attempt=self._attempt(),
+                intent=intent.intent,
+                price=intent.price,
                 fingerprint=row.fingerprint,
             ),
             durable=True,
         )
         return pid
+
+    def _attempt(self) -> int:
+        known = self.res.state.rows.get(self.row.id)
+        return (known.submits if known is not None else 0) + 1
+
+    async def _settle_lost(self, intent: str, sent_end: float) -> str | None:
+        """The task a lost answer created, when the listing proves which one it is; else
+        the lost answer is settled (nothing created, or an unattributed task) or stays
+        counted, and the row is submitted again."""
+        doubt = self.res.state.doubts.get(intent)
+        if doubt is None:
+            return None
+        outcome = await self.res.settler.lost(doubt, self.row.model, self._attempt(), sent_end)
+        return outcome.adopted
 
     def _stop_if_told_to_wait_too_long(self, exc: ApiError) -> None:
         """A Retry-After longer than a task may take ends the run's submitting: no wait
@@ -305,28 +330,6 @@ class Job:
             f"longer than --timeout {allowed:g} s; run again after that"
         )
         raise Stopped
-
-    async def _find_lost(self, payload: Mapping[str, Any], sent_at: float) -> str | None:
-        """The task a lost answer created, when the listing proves which one it is.
-
-        Only a listing that carries inputs can prove it (the documented one does not):
-        one candidate, matching every field sent, given to no row yet.
-        """
-        res = self.res
-        try:
-            listed = await res.client.list_predictions(self.row.model, sent_at - LISTING_SLACK_S)
-        except (BatchError, OSError):
-            return None  # the look-up is best effort: the lost answer is then counted
-        known = res.state.predictions
-        matches = [
-            item.id
-            for item in listed
-            if item.id not in known
-            and (item.model in (None, self.row.model))
-            and full_match(item.inputs, payload)
-        ]
-        # Checked and recorded with no await in between: two rows never adopt one task.
-        return matches[0] if len(matches) == 1 else None
 
     # -- poll --------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -181,6 +182,37 @@ class LedgerTail:
                 _apply_record(self.state, parsed, False)
         self.offset += end
         return self.state
+
+
+class OtherLedgers:
+    """The folder's other ledgers (shards running beside this one), read as they grow:
+    what they have spent and which task ids they know since this run read them.
+
+    ``refresh`` reads files: call it off the event loop. A lock keeps two threads from
+    applying the same new lines twice.
+    """
+
+    def __init__(self, own: Path, offsets: dict[Path, int] | None = None) -> None:
+        self.own = own
+        self._tails = {path: LedgerTail(path, off) for path, off in (offsets or {}).items()}
+        self._lock = threading.Lock()
+
+    def refresh(self) -> list[LedgerState]:
+        with self._lock:
+            for path in ledger_paths(self.own.parent):
+                if path != self.own and path not in self._tails:
+                    self._tails[path] = LedgerTail(path, 0)  # a shard that started after us
+            return [tail.refresh() for tail in self._tails.values()]
+
+    def spend(self) -> float:
+        return sum(state.spend for state in self.refresh())
+
+    def known_ids(self) -> set[str]:
+        known: set[str] = set()
+        for state in self.refresh():
+            known |= state.predictions
+            known |= state.orphans.keys()
+        return known
 
 
 @dataclass(slots=True)

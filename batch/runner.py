@@ -9,6 +9,7 @@ the jobs' events build.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -19,21 +20,30 @@ from pathlib import Path
 from typing import Any
 
 from batch import __version__
+from batch.account import Estimate, Prices, estimate, live_prices
 from batch.client import Client
 from batch.errors import AuthError
 from batch.events import Failed, Finished, RunStarted
 from batch.files import remove_temp_files
 from batch.job import Job, Resources, request_fields
-from batch.ledger import LEDGER_NAME, LedgerWriter, cut_torn_tail, ledger_paths, read_ledger
+from batch.ledger import (
+    LEDGER_NAME,
+    LedgerWriter,
+    OtherLedgers,
+    cut_torn_tail,
+    ledger_paths,
+    read_ledger,
+)
 from batch.limits import SubmitLimiter
 from batch.manifest import Manifest, Row, shard_of
 from batch.metrics import JsonLog
 from batch.options import RunOptions
 from batch.outputs import existing_files
 from batch.polling import PollSchedule
+from batch.settle import Settler
 from batch.spend import SpendGuard
 from batch.state import Action, LedgerState, Plan, RowStatus, count_actions, merge_states, plan_row
-from batch.stop import StopSignal
+from batch.stop import Stopped, StopSignal
 from batch.uploads import UploadCache
 
 __all__ = ["PlanCallback", "Progress", "ProgressCallback", "RunOptions", "Runner", "Summary"]
@@ -86,8 +96,8 @@ class Summary:
 
 
 ProgressCallback = Callable[[Progress], None]
-# Called once the ledger is read: rows per action, and what the folder already spent.
-PlanCallback = Callable[[dict[str, int], float], None]
+# Called once the ledger is read and the rows are priced, before the first submit.
+PlanCallback = Callable[[Estimate], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +144,7 @@ class Runner:
         self._workers: set[asyncio.Task[None]] = set()
         self._grace_task: asyncio.Task[None] | None = None
         self._started = time.monotonic()
+        self.prices = Prices(options.price)
 
     # -- planning ------------------------------------------------------------
 
@@ -159,62 +170,35 @@ class Runner:
         for row in self.rows:
             yield row, plan_row(rows.get(row.id), row.fingerprint, files, retry_failed)
 
-    def _prepare(self) -> list[tuple[Row, Plan]]:
+    def _prepare(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         remove_temp_files(self.out_dir)
         self.load_state()
-        return list(self.plans())
 
     # -- the run -------------------------------------------------------------
 
     async def run(self) -> Summary:
         # Reading 100k ledger lines and listing the folder take seconds: off the loop,
         # which may be a notebook's with other work on it.
-        planned = await asyncio.to_thread(self._prepare)
-        if self._on_plan is not None:
-            self._on_plan(count_actions(plan for _, plan in planned), self.state.spend)
-        for _, plan in planned:
-            if plan.action is Action.DONE:
-                self.progress.skipped += 1
-                self.progress.completed += 1
-            elif plan.action is Action.FAILED:
-                self.progress.failed += 1
-        work = (p for p in planned if p[1].action is Action.POLL)
-        fresh = (p for p in planned if p[1].action is Action.SUBMIT)
+        await asyncio.to_thread(self._prepare)
         if self.options.log_file is None:
-            return await self._run(_chain(work, fresh))
+            return await self._run()
         with JsonLog(self.options.log_file) as log:
             self.metrics.log = log.logger
             try:
-                return await self._run(_chain(work, fresh))
+                return await self._run()
             finally:
                 self.metrics.log = None
 
-    async def _run(self, work: Iterator[tuple[Row, Plan]]) -> Summary:
+    async def _run(self) -> Summary:
         opts = self.options
         writer = LedgerWriter(self.ledger_path, self.state)
         await writer.start()
-        guard = SpendGuard(
-            writer,
-            self.state,
-            self.stop,
-            price=opts.price,
-            budget=opts.budget,
-            max_tasks=opts.max_tasks,
-            others=self._others,
+        others = OtherLedgers(self.ledger_path, self._others)
+        settler = Settler(
+            self.client, writer, self.state, self.metrics, delay=opts.settle_delay, others=others
         )
-        res = Resources(
-            client=self.client,
-            writer=writer,
-            state=self.state,
-            guard=guard,
-            limiter=SubmitLimiter(opts.rate),
-            uploads=UploadCache(self.client, writer, self.state),
-            schedule=PollSchedule(floor=opts.poll_floor),
-            metrics=self.metrics,
-            stop=self.stop,
-            options=opts,
-        )
+        guard: SpendGuard | None = None
         self.stop.listeners.append(self._on_stop)
         loop = asyncio.get_running_loop()
         installed: list[int] = []
@@ -224,6 +208,34 @@ class Runner:
                     loop.add_signal_handler(sig, self.request_stop, sig.name)
                     installed.append(sig)
             await writer.write(self._run_event())
+            planned, prices, balance = await self._plan(settler)
+            guard = SpendGuard(
+                writer,
+                self.state,
+                self.stop,
+                budget=opts.budget,
+                balance=balance,
+                max_tasks=opts.max_tasks,
+                others=others,
+            )
+            res = Resources(
+                client=self.client,
+                writer=writer,
+                state=self.state,
+                guard=guard,
+                settler=settler,
+                prices=prices,
+                limiter=SubmitLimiter(opts.rate),
+                uploads=UploadCache(self.client, writer, self.state),
+                schedule=PollSchedule(floor=opts.poll_floor),
+                metrics=self.metrics,
+                stop=self.stop,
+                options=opts,
+            )
+            work = _chain(
+                (p for p in planned if p[1].action is Action.POLL),
+                (p for p in planned if p[1].action is Action.SUBMIT),
+            )
             self._emit()
             started = []
             for n in range(max(1, opts.concurrency)):
@@ -238,8 +250,16 @@ class Runner:
                 # ledger, a bug in failure recording): stop the run rather than lose it.
                 if not task.cancelled() and task.exception() is not None and self._fatal is None:
                     self._fatal = task.exception()
+            if self.stop.by is None:
+                # Lost answers waiting for the listing to catch up: the last submits
+                # prove it soon; what stays open is counted and left to the next run.
+                await settler.finish(wait=3 * opts.settle_delay + 2.0)
             summary = self.summary()
             await writer.write(Finished(self.run_id, summary.as_dict()))
+        except AuthError as exc:
+            # The key or the account, found before any row began (settling, pricing).
+            self._fatal = exc
+            summary = self.summary()
         finally:
             for signum in installed:
                 loop.remove_signal_handler(signum)
@@ -250,11 +270,43 @@ class Runner:
                 task.cancel()
             # Let cancelled workers finish their shielded ledger writes before closing it.
             await asyncio.gather(*stragglers, return_exceptions=True)
+            await settler.finish(wait=0.0)
             await writer.close()
-            guard.close()
+            if guard is not None:
+                guard.close()
         if self._fatal is not None:
             raise self._fatal
         return summary
+
+    async def _plan(self, settler: Settler) -> tuple[list[tuple[Row, Plan]], Prices, float | None]:
+        """Settle what earlier runs left in doubt, plan every row, price what is to submit."""
+        if self.state.doubts:
+            fingerprints = {row.id: row.fingerprint for row in self.rows}
+            adoptable = {
+                d.row: d.fingerprint is not None and fingerprints.get(d.row) == d.fingerprint
+                for d in self.state.doubts.values()
+            }
+            with contextlib.suppress(Stopped), self.stop.interruptible():
+                await settler.doubts(adoptable)
+        planned = await asyncio.to_thread(lambda: list(self.plans()))
+        for _, plan in planned:
+            if plan.action is Action.DONE:
+                self.progress.skipped += 1
+                self.progress.completed += 1
+            elif plan.action is Action.FAILED:
+                self.progress.failed += 1
+        to_submit = [row for row, plan in planned if plan.action is Action.SUBMIT]
+        prices, balance = Prices(self.options.price), None
+        if to_submit and not self.stop.stopping:
+            # Only a run that will pay asks: a resume of finished rows sends nothing.
+            prices, balance = await asyncio.gather(
+                live_prices(self.client, to_submit, self.options.price), self.client.balance()
+            )
+        self.prices = prices
+        if self._on_plan is not None:
+            counts = count_actions(plan for _, plan in planned)
+            self._on_plan(estimate(counts, self.state.spend, to_submit, prices, balance))
+        return planned, prices, balance
 
     def _run_event(self) -> RunStarted:
         opts = self.options
@@ -264,7 +316,7 @@ class Runner:
             model=self.manifest.model,
             base_url=self.client.base_url,
             version=__version__,
-            price=opts.price,
+            price=self.prices.of(self.manifest.model),
             rows=len(self.rows),
             manifest_rows=len(self.manifest.rows),
             shard=f"{opts.shard[0]}/{opts.shard[1]}" if opts.shard else None,
@@ -358,6 +410,8 @@ class Runner:
             exit_code = 143
         elif completed == len(self.rows):
             exit_code = 0
+        elif stop.exit_code is not None:
+            exit_code = stop.exit_code
         else:
             exit_code = 1
         m, base, state = self.metrics, self._baseline, self.state

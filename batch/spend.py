@@ -3,6 +3,7 @@
 The reservation is the ``submitting`` intent line, fsync'ed before the request
 leaves. Until an outcome settles it, the intent counts as spend, so a kill at
 any instant can only over-count what this folder paid, never under-count.
+The account's balance, read when the run began, caps what the run commits.
 ``--budget`` caps the whole folder: with several shards running side by side
 the check and the intent happen under one lock file, after reading what the
 other shards' ledgers have added since.
@@ -14,16 +15,20 @@ import asyncio
 import fcntl
 import os
 import uuid
-from pathlib import Path
 
+from batch.errors import AuthError
 from batch.events import Submitting
-from batch.ledger import LedgerTail, LedgerWriter, ledger_paths
+from batch.ledger import LedgerWriter, OtherLedgers
 from batch.state import LedgerState
 from batch.stop import Stopped, StopSignal
 
 BUDGET_LOCK_NAME = ".wsbatch.budget.lock"
 EPSILON = 1e-9
 LOCK_POLL_S = 0.005
+
+
+def new_intent() -> str:
+    return uuid.uuid4().hex[:16]
 
 
 class SpendGuard:
@@ -33,57 +38,72 @@ class SpendGuard:
         state: LedgerState,
         stop: StopSignal,
         *,
-        price: float,
         budget: float | None = None,
+        balance: float | None = None,
         max_tasks: int | None = None,
-        others: dict[Path, int] | None = None,
+        others: OtherLedgers | None = None,
     ) -> None:
         self.writer = writer
         self.state = state
         self.stop = stop
-        self.price = price
         self.budget = budget
+        # The account's credit when the run began: this run and the shards beside it may
+        # commit no more than that (refunds of failed tasks come hours later).
+        self.balance = balance
         self.max_tasks = max_tasks
         self.committed = 0  # submits sent this run that may have created a task
+        self._start_spend = state.spend
         self._folder = writer.path.parent
-        self._tails = {path: LedgerTail(path, offset) for path, offset in (others or {}).items()}
+        self._others = others if others is not None else OtherLedgers(writer.path)
         self._lock = asyncio.Lock()
         self._fd = -1
 
-    async def reserve(self, row: str, seed: int, fingerprint: str | None) -> str:
+    async def reserve(self, event: Submitting) -> None:
         """Write the durable intent for one submit; raise ``Stopped`` when the run may not
-        send another (stopping, --max-tasks, --budget)."""
+        send another (stopping, --max-tasks, --budget, the balance)."""
         self.stop.check()
-        if self.max_tasks is not None and self.committed >= self.max_tasks:
-            self.stop.request(f"--max-tasks {self.max_tasks} reached")
-            raise Stopped
-        intent = uuid.uuid4().hex[:16]
-        event = Submitting(row, seed, intent, self.price, fingerprint)
-        if self.budget is None:
+        self._check_max_tasks()
+        if self.budget is None and self.balance is None:
             self.committed += 1
             await self.writer.write(event, durable=True)
-            return intent
+            return
         async with self._lock:
             self.stop.check()
             await self._lock_folder()
             try:
                 # Checked again under the lock: other workers may have sent while we waited.
-                if self.max_tasks is not None and self.committed >= self.max_tasks:
-                    self.stop.request(f"--max-tasks {self.max_tasks} reached")
-                    raise Stopped
-                others = await asyncio.to_thread(self._others_spend)
-                spent = self.state.spend + others
-                if spent + self.price > self.budget + EPSILON:
-                    self.stop.request(
-                        f"budget ${self.budget:.2f} reached (${spent:.2f} committed in this "
-                        f"folder; one more task costs ${self.price:g})"
-                    )
-                    raise Stopped
+                self._check_max_tasks()
+                others = await asyncio.to_thread(self._others.spend)
+                self._check_money(event.price, others)
                 self.committed += 1
                 await self.writer.write(event, durable=True)
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
-        return intent
+
+    def _check_max_tasks(self) -> None:
+        if self.max_tasks is not None and self.committed >= self.max_tasks:
+            self.stop.request(f"--max-tasks {self.max_tasks} reached")
+            raise Stopped
+
+    def _check_money(self, price: float, others: float) -> None:
+        if self.budget is not None:
+            spent = self.state.spend + others
+            if spent + price > self.budget + EPSILON:
+                self.stop.request(
+                    f"budget ${self.budget:.2f} reached (${spent:.2f} committed in this "
+                    f"folder; one more task costs ${price:g})"
+                )
+                raise Stopped
+        if self.balance is not None:
+            used = self.state.spend - self._start_spend + others
+            if used + price > self.balance + EPSILON:
+                self.stop.request(
+                    f"the account's balance ${self.balance:.2f} is used up "
+                    f"(${used:.2f} committed since this run began; one more task costs "
+                    f"${price:g}); top up, then run again",
+                    exit_code=AuthError.exit_code,
+                )
+                raise Stopped
 
     def release(self) -> None:
         """A submit was refused: it created nothing and counts against nothing."""
@@ -102,14 +122,6 @@ class SpendGuard:
                 return
             except BlockingIOError:
                 await asyncio.sleep(LOCK_POLL_S)
-
-    def _others_spend(self) -> float:
-        """What the other ledgers of the folder have added to its spend since this run
-        read them (a shard that started after us is read whole)."""
-        for path in ledger_paths(self._folder):
-            if path != self.writer.path and path not in self._tails:
-                self._tails[path] = LedgerTail(path, 0)
-        return sum(tail.refresh().spend for tail in self._tails.values())
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -14,11 +14,13 @@ from enum import Enum
 from typing import Any
 
 from batch.events import (
+    ABSENT,
     Completed,
     Event,
-    Failed,
     Finished,
     RunStarted,
+    SubmitRefused,
+    SubmitSettled,
     Submitted,
     Submitting,
     SubmitUnknown,
@@ -82,6 +84,23 @@ class RowState:
 
 
 @dataclass(slots=True)
+class Doubt:
+    """A submit that may have created (and billed) a task nobody has the id of: sent, and
+    no answer recorded yet (a kill) or its answer lost. The account's listing settles it."""
+
+    row: str
+    intent: str
+    price: float
+    at: float | None  # when the intent was written, epoch seconds
+    request_sha: str | None = None
+    request_keys: tuple[str, ...] = ()
+    model: str | None = None
+    seed: int = -1
+    fingerprint: str | None = None
+    counted: bool = False  # already a possible duplicate (answer lost, or superseded)
+
+
+@dataclass(slots=True)
 class LedgerState:
     rows: dict[str, RowState] = field(default_factory=dict)
     # sha256 of an input -> (download_url, when, API base URL it was uploaded through)
@@ -89,6 +108,8 @@ class LedgerState:
     runs: list[Mapping[str, Any]] = field(default_factory=list)
     finished: list[Mapping[str, Any]] = field(default_factory=list)
     predictions: set[str] = field(default_factory=set)  # every id any row was given
+    doubts: dict[str, Doubt] = field(default_factory=dict)  # by intent, until settled
+    orphans: dict[str, str] = field(default_factory=dict)  # unattributed task id -> row
     price: float = DEFAULT_PRICE  # of the latest run, for events that carry none
     submits: int = 0  # billed: answered with a prediction id
     possible_duplicates: int = 0  # lost answers and intents that never got one
@@ -146,6 +167,34 @@ def _count_unknown(state: LedgerState, row: RowState, price: float, n: int = 1) 
     row.unknown += n
 
 
+def _uncount(state: LedgerState, row: RowState, price: float) -> None:
+    """A possible duplicate proven not to be one (nothing created, or the task adopted)."""
+    state.possible_duplicates = max(state.possible_duplicates - 1, 0)
+    state.unknown_spend = max(state.unknown_spend - price, 0.0)
+    row.unknown = max(row.unknown - 1, 0)
+
+
+def _count_doubt(state: LedgerState, row: RowState, intent: str | None, price: float) -> None:
+    _count_unknown(state, row, price)
+    doubt = state.doubts.get(intent) if intent is not None else None
+    if doubt is not None:
+        doubt.counted = True
+
+
+def _settle(state: LedgerState, row: RowState, event: SubmitSettled) -> None:
+    doubt = state.doubts.pop(event.intent, None)
+    if row.intent == event.intent:
+        _close_intent(state, row)  # an open intent was never counted
+    if event.outcome == ABSENT:
+        if doubt is not None and doubt.counted:
+            _uncount(state, row, doubt.price)
+        return
+    if event.prediction_id:
+        state.orphans[event.prediction_id] = event.row
+    if doubt is not None and not doubt.counted:
+        _count_unknown(state, row, doubt.price)
+
+
 def apply(
     state: LedgerState, event: Event, record: Mapping[str, Any], keep_last: bool = True
 ) -> None:
@@ -172,21 +221,38 @@ def apply(
     if isinstance(event, Submitting):
         if row.intent is not None:
             # A second intent with no outcome for the first: the first may have billed.
-            _count_unknown(state, row, _close_intent(state, row))
+            superseded = row.intent
+            _count_doubt(state, row, superseded, _close_intent(state, row))
         row.intent = event.intent
         row.intent_price = event.price if event.price > 0 else state.price
         state.open_spend += row.intent_price
+        state.doubts[event.intent] = Doubt(
+            event.row,
+            event.intent,
+            row.intent_price,
+            parse_ts(ts),
+            event.request_sha,
+            event.request_keys,
+            event.model,
+            event.seed,
+            event.fingerprint,
+        )
         if event.seed >= 0:
             row.seed = event.seed
         return
+    if isinstance(event, SubmitSettled):
+        _settle(state, row, event)
+        return
+    open_intent = row.intent
     price = _close_intent(state, row)
     if isinstance(event, SubmitUnknown):
-        _count_unknown(state, row, price or state.price)
+        _count_doubt(state, row, event.intent, price or state.price)
         return
-    if not isinstance(event, Submitted | Completed | Failed):
-        return  # a refused submit: nothing created, the row stands as it did
+    if isinstance(event, SubmitRefused):
+        state.doubts.pop(event.intent, None)
+        return  # nothing created, the row stands as it did
     if price and not isinstance(event, Submitted):
-        _count_unknown(state, row, price)  # an outcome never recorded for that intent
+        _count_doubt(state, row, open_intent, price)  # an outcome never recorded for it
     if keep_last:
         row.last = record
     if event.fingerprint is not None:
@@ -195,6 +261,9 @@ def apply(
         row.seed = event.seed
     if isinstance(event, Submitted):
         paid = event.price if event.price is not None else (price or state.price)
+        doubt = state.doubts.pop(event.intent, None) if event.intent else None
+        if doubt is not None and doubt.counted:
+            _uncount(state, row, doubt.price)  # a lost answer's task, found and adopted
         state.submits += 1
         state.billed_spend += paid
         if event.possible_duplicates:
@@ -249,6 +318,8 @@ def merge_states(states: list[LedgerState]) -> LedgerState:
         merged.runs += state.runs
         merged.finished += state.finished
         merged.predictions |= state.predictions
+        merged.doubts.update(state.doubts)
+        merged.orphans.update(state.orphans)
         merged.price = state.price if state.runs else merged.price
         merged.submits += state.submits
         merged.possible_duplicates += state.possible_duplicates

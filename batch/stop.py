@@ -24,17 +24,19 @@ class StopSignal:
         self.stopping = False
         self.reason: str | None = None
         self.by: str | None = None  # the signal's name, for the exit code
+        self.exit_code: int | None = None  # a stop that needs the user (the balance)
         self._waiting: set[asyncio.Task[object]] = set()
         self._cancelled: set[asyncio.Task[object]] = set()
         self.listeners: list[Callable[[], None]] = []
 
-    def request(self, reason: str, by: str | None = None) -> bool:
+    def request(self, reason: str, by: str | None = None, exit_code: int | None = None) -> bool:
         """Stop submitting; True the first time."""
         if self.stopping:
             return False
         self.stopping = True
         self.reason = reason
         self.by = by
+        self.exit_code = exit_code
         for task in list(self._waiting):
             self._cancelled.add(task)
             task.cancel()

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _test_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WSBATCH_ZERO_BACKOFF", "1")
     monkeypatch.setenv("WSBATCH_POLL_FLOOR", "0.05")
+    monkeypatch.setenv("WSBATCH_SETTLE_DELAY", "0.05")
     monkeypatch.setenv("WAVESPEED_API_KEY", API_KEY)
     monkeypatch.delenv("WAVESPEED_BASE_URL", raising=False)
 

@@ -49,9 +49,21 @@ def test_suspended_account_exits_4(run, manifest, emulator):
 
 
 def test_out_of_credit_exits_4(run, manifest, emulator):
-    """An answer saying the account has no credit is an account error: exit 4, top up."""
+    """A balance that covers no task stops before any submit: exit 4, top up."""
     emulator.config.enforce_balance = True
     emulator.config.balance = 0.0
+    result = run(manifest)
+    assert result.code == 4 and "top up" in result.err.lower()
+    assert emulator.stats.submits_accepted + emulator.stats.submits_rejected == 0
+
+
+def test_out_of_credit_answer_exits_4(run, manifest, emulator):
+    """Where the balance cannot be read, the server's no-credit answer is an account
+    error: exit 4, top up."""
+    emulator.config.enforce_balance = True
+    emulator.config.balance = 0.0
+    emulator.config.fault_endpoints.add("account")
+    emulator.script("account", "500", "500")  # neither the price nor the balance answers
     result = run(manifest)
     assert result.code == 4 and "Top up" in result.err
 
@@ -119,14 +131,20 @@ def test_submit_answer_lost_after_creation_is_reconciled(run, manifest, emulator
     assert result.summary["reconciled"] == 1 and result.summary["possible_duplicates"] == 0
 
 
-def test_submit_with_unknown_outcome_is_retried_and_counted(run, manifest, emulator, tmp_path):
-    """A dropped submit that created nothing visible is retried and reported as a possible dupe."""
+def test_submit_with_unknown_outcome_is_retried_and_settled(run, manifest, emulator, tmp_path):
+    """A dropped submit that created nothing is recorded as lost, proven absent from the
+    listing, and retried: no possible duplicate remains."""
     emulator.script("submit", "drop", "500")
     result = run(manifest)
     assert result.code == 0
-    assert result.summary["possible_duplicates"] == 2
-    lost = [e for e in read_ledger_lines(tmp_path / "out") if e["event"] == "submit_unknown"]
+    assert result.summary["possible_duplicates"] == 0
+    lines = read_ledger_lines(tmp_path / "out")
+    lost = [e for e in lines if e["event"] == "submit_unknown"]
+    settled = [e for e in lines if e["event"] == "submit_settled"]
     assert len(lost) == 2
+    assert sorted(e["intent"] for e in settled) == sorted(e["intent"] for e in lost)
+    assert all(e["outcome"] == "absent" for e in settled)
+    assert emulator.stats.submits_accepted == 6
 
 
 def test_garbage_download_is_retried_then_recovered(run, manifest, emulator):
@@ -266,10 +284,9 @@ def test_key_never_appears_in_a_failure_message(run, manifest, emulator, tmp_pat
     assert API_KEY not in result.out + result.err
 
 
-def test_submit_read_timeout_is_retried_and_counted_as_possible_duplicate(
-    emulator, images, write_manifest, tmp_path
-):
-    """A submit that times out after sending is retried, and the possible duplicate reported."""
+def test_submit_read_timeout_is_retried_and_settled(emulator, images, write_manifest, tmp_path):
+    """A submit that times out after sending is retried, and its outcome settled from the
+    listing: a possible duplicate exactly when the server made a task of it."""
     import asyncio
 
     from batch.client import Client, Timeouts
@@ -282,10 +299,10 @@ def test_submit_read_timeout_is_retried_and_counted_as_possible_duplicate(
         timeouts = Timeouts(submit=1.0, poll=5.0)
         async with Client(emulator.base_url, API_KEY, timeouts=timeouts) as client:
             manifest = load_manifest(write_manifest(simple_rows(images, 1)))
-            options = RunOptions(out_dir=tmp_path / "out", handle_signals=False)
+            options = RunOptions(out_dir=tmp_path / "out", handle_signals=False, settle_delay=0.05)
             return await Runner(manifest, client, options).run()
 
     summary = asyncio.run(go())
     assert summary.completed == 1 and summary.submitted == 1
-    assert summary.possible_duplicates == 1
+    assert summary.possible_duplicates == emulator.stats.submits_accepted - 1
     assert emulator.stats.fault_count("slow", "submit") == 1
