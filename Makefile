@@ -34,8 +34,9 @@ lint: install-dev
 typecheck: install-dev
 	$(BIN)/mypy batch
 
+# One worker per core: the tests wait on sockets and subprocesses more than on the CPU.
 unit: install-dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 test: lint typecheck unit
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from batch.account import Estimate, Prices, estimate, live_prices
+from batch.audit import Audit, audit
 from batch.client import DEFAULT_BASE_URL, Client, check_base_url
 from batch.errors import UsageError
 from batch.export import METADATA_NAME, write_metadata
@@ -36,11 +37,13 @@ T = TypeVar("T")
 SHARD_INDEX_VARIABLES = ("JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX")
 
 __all__ = [
+    "Audit",
     "Estimate",
     "Ledger",
     "Manifest",
     "RowStatus",
     "Summary",
+    "audit_async",
     "estimate_manifest_async",
     "load_manifest",
     "parse_shard",
@@ -261,6 +264,21 @@ async def estimate_manifest_async(
             live_prices(client, to_submit, price), client.balance()
         )
     return estimate(counts, spent, to_submit, prices, balance)
+
+
+async def audit_async(
+    out_dir: str | os.PathLike[str],
+    *,
+    api_key: str | None = None,
+    base_url: str | None = None,
+    adopt: bool = False,
+) -> Audit:
+    """Compare the folder's ledgers with the account's listing and billing; it never
+    submits. ``adopt`` settles what the ledgers left in doubt, under the folder's lock."""
+    url = check_base_url(base_url or os.environ.get("WAVESPEED_BASE_URL") or DEFAULT_BASE_URL)
+    key = _resolve_key(api_key)
+    async with Client(url, key.value, connections=4) as client:
+        return await audit(Path(out_dir), client, adopt=adopt)
 
 
 def _blocking(

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 from batch import __version__
 from batch.account import Estimate, describe, shortfall
 from batch.api import (
+    audit_async,
     default_out_dir,
     estimate_manifest_async,
     estimate_offline,
@@ -149,6 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--to", help="a folder or an fsspec URL such as s3://bucket/prefix")
     export.add_argument("--shard-size", type=_positive_int, default=1000, help="rows per file")
 
+    audit = sub.add_parser(
+        "audit", help="compare the ledgers with what the account billed; never submits"
+    )
+    audit.add_argument("out_dir", type=Path)
+    audit.add_argument("--json", action="store_true")
+    audit.add_argument(
+        "--adopt",
+        action="store_true",
+        help="settle submits left in doubt: adopt tasks whose listed inputs match in full",
+    )
+    audit.add_argument("--base-url", help="API base URL (env WAVESPEED_BASE_URL)")
+    audit.add_argument("--api-key-file", type=Path, help="read the key from this file")
+
     status = sub.add_parser("status", help="state of a run, from its ledger")
     status.add_argument("out_dir", type=Path)
     status.add_argument("--json", action="store_true")
@@ -186,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_validate(args)
         if args.command == "status":
             return _cmd_status(args)
+        if args.command == "audit":
+            return _cmd_audit(args)
         if args.command == "report":
             return _cmd_report(args)
         if args.command == "export":
@@ -530,6 +546,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
         f"${info['spend_usd']:.2f} spent"
     )
     return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from batch.audit import describe
+
+    if not ledger_paths(args.out_dir):
+        raise UsageError(f"{args.out_dir} has no ledger: not a wsbatch output folder")
+    base_url = check_base_url(
+        args.base_url or os.environ.get("WAVESPEED_BASE_URL") or DEFAULT_BASE_URL
+    )
+    result = asyncio.run(
+        audit_async(args.out_dir, api_key=_api_key(args), base_url=base_url, adopt=args.adopt)
+    )
+    if args.json:
+        print(json.dumps(result.as_dict(), sort_keys=True))
+    else:
+        print("\n".join(describe(result)))
+    # Billed tasks that no ledger accounts for: something for the user to look at.
+    return 1 if result.unrecorded else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -289,8 +289,9 @@ class Settler:
             return False
         by_keys: dict[tuple[str, ...], set[str]] = {}
         for other in self.state.doubts.values():
-            if other.intent != doubt.intent and other.request_sha is not None:
-                by_keys.setdefault(other.request_keys, set()).add(other.request_sha)
+            # The same request sent again (a retry, a repeat copy) may own it as well.
+            if other.request_sha not in (None, doubt.request_sha):
+                by_keys.setdefault(other.request_keys, set()).add(str(other.request_sha))
         return any(
             keys
             and all(k in inputs for k in keys)
