@@ -66,6 +66,7 @@ class SubmitLimiter:
         self._anchor: float | None = None  # a turn of the window, as found by a probe
         self._turn: float | None = None  # the latest turn found
         self._accepted = 0  # accepted since the latest turn
+        self._in_flight = 0  # submits (not probes) granted and not yet answered
         self._clean = True  # no 429 since the latest turn
         self._signal_at = -1.0  # 429s of submits sent before this are the last signal's
         self._first_sent: float | None = None
@@ -122,11 +123,16 @@ class SubmitLimiter:
             recent.popleft()
         return max(UNLEARNED_OUTSTANDING, len(recent))
 
+    def _committed(self) -> int:
+        """This window's submits: accepted, and in the air (each may yet be accepted), so
+        that workers freed together do not overshoot the quota's last few submits."""
+        return self._accepted + self._in_flight
+
     def _beyond_confirmed(self) -> bool:
-        return self._confirmed is not None and self._accepted >= self._confirmed
+        return self._confirmed is not None and self._committed() >= self._confirmed
 
     def _spent(self) -> bool:
-        return self.quota is not None and self._accepted >= self.quota
+        return self.quota is not None and self._committed() >= self.quota
 
     def _grant(self, now: float) -> Slot:
         self._outstanding += 1
@@ -136,10 +142,11 @@ class SubmitLimiter:
         if self._probing:
             self._probe_out = True
             return Slot(now, probe=True)
-        if self._beyond_confirmed():
+        extra = self._beyond_confirmed()
+        self._in_flight += 1
+        if extra:
             self._extra_out = True
-            return Slot(now, probe=False, extra=True)
-        return Slot(now, probe=False)
+        return Slot(now, probe=False, extra=extra)
 
     def _next_turn(self) -> float:
         """When to probe for the next turn. Counted from a precisely found turn once the
@@ -165,8 +172,13 @@ class SubmitLimiter:
 
     # -- outcomes ------------------------------------------------------------
 
-    def on_success(self, slot: Slot) -> None:
+    def _answered(self, slot: Slot) -> None:
         self._outstanding = max(self._outstanding - 1, 0)
+        if not slot.probe:
+            self._in_flight = max(self._in_flight - 1, 0)
+
+    def on_success(self, slot: Slot) -> None:
+        self._answered(slot)
         if self.quota is None:
             self._recent_accepts.append(self._clock())
         if slot.extra:
@@ -218,7 +230,7 @@ class SubmitLimiter:
 
     def on_other(self, slot: Slot) -> None:
         """The submit ended some other way (5xx, dropped): it told us nothing."""
-        self._outstanding = max(self._outstanding - 1, 0)
+        self._answered(slot)
         if slot.extra:
             self._extra_out = False
         if slot.probe and self._probing:
@@ -228,7 +240,7 @@ class SubmitLimiter:
 
     def on_rate_limited(self, slot: Slot, retry_after: float | None) -> None:
         self.rate_limited += 1
-        self._outstanding = max(self._outstanding - 1, 0)
+        self._answered(slot)
         if slot.extra:
             self._extra_out = False
         now = self._clock()

@@ -116,3 +116,21 @@ def test_workers_freed_together_send_a_few_submits_until_a_limit_is_known():
     for slot in more:
         pacer.on_rate_limited(slot, None)
     assert pacer.signals == 1 and pacer.quota == 4
+
+
+def test_submits_in_the_air_count_against_the_quota():
+    """Once the quota is known, submits not yet answered count as this window's: workers
+    freed together do not send two submits for the window's last place."""
+    clock = Clock()
+    pacer = SubmitLimiter(clock=clock)
+    first = [pacer._grant(0.0) for _ in range(3)]
+    for slot in first:
+        pacer.on_success(slot)
+    pacer.on_rate_limited(pacer._grant(0.01), None)  # quota 3 learned
+    probe = pacer._grant(pacer._probe_at)
+    clock.now = pacer._probe_at + 0.01
+    pacer.on_success(probe)  # the window turned: 1 of 3 spent
+    pacer._grant(clock.now)  # 2 of 3, in the air
+    assert pacer._wait(clock.now) <= 0
+    pacer._grant(clock.now)  # 3 of 3, in the air
+    assert pacer._wait(clock.now) > 0  # the quota is committed, though none answered yet
