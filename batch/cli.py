@@ -475,6 +475,11 @@ def _summary_lines(summary: Summary) -> list[str]:
         extras.append(f"{summary.reconciled} lost submit answers recovered")
     if summary.possible_duplicates:
         extras.append(f"{summary.possible_duplicates} possible duplicate submissions")
+    if summary.unsettled:
+        extras.append(
+            f"{summary.unsettled} lost answers not yet settled (counted; "
+            "`wsbatch audit` checks them)"
+        )
     if summary.uploads or summary.uploads_reused:
         extras.append(f"{summary.uploads} uploads ({summary.uploads_reused} reused)")
     if extras:
@@ -527,6 +532,9 @@ def status_of(out_dir: Path) -> dict[str, Any]:
         "possible_duplicates": state.possible_duplicates,
         # Submits sent with no outcome recorded (a kill): spend, settled by the next run.
         "in_doubt": state.in_doubt,
+        # Lost answers and kills the account's listing has not settled yet: counted as
+        # possible duplicates until it does (the next run, or `wsbatch audit --adopt`).
+        "unsettled": len(state.doubts),
         "runs": len(state.runs),
         "manifest": last_run.get("manifest"),
         "model": last_run.get("model"),

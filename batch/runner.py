@@ -78,6 +78,7 @@ class Summary:
     spend_total_usd: float
     possible_duplicates: int
     possible_duplicates_total: int
+    unsettled: int  # submits of the folder whose outcome the listing has not settled
     reconciled: int
     retries: int
     rate_limited: int
@@ -427,6 +428,7 @@ class Runner:
             submitted=state.submits - base.submits,
             possible_duplicates=state.possible_duplicates - base.possible_duplicates,
             possible_duplicates_total=state.possible_duplicates,
+            unsettled=len(state.doubts),
             reconciled=m.reconciled,
             retries=m.retries,
             rate_limited=m.rate_limited,
