@@ -118,6 +118,8 @@ class Settler:
         self._answered: deque[tuple[float, str]] = deque(maxlen=WITNESSES)
         self._pending: dict[str, _Pending] = {}
         self._drainer: asyncio.Task[None] | None = None
+        # Whether the listing carries inputs, once a non-empty one was seen.
+        self.listing_has_inputs: bool | None = None
 
     @property
     def pending(self) -> int:
@@ -141,6 +143,11 @@ class Settler:
     async def lost(self, doubt: Doubt, model: str, attempt: int, sent_end: float) -> Outcome:
         """A lost answer of this run: adopt its task if the listing proves it ours, settle
         it if the listing can, else leave it to the background look-ups."""
+        if self.listing_has_inputs is False:
+            # The documented listing: nothing here could be adopted, so the row need not
+            # wait; the background look-ups settle what the lost answer cost.
+            self._defer(_Pending(doubt, model, sent_end))
+            return Outcome()
         await asyncio.sleep(max(0.0, sent_end + self.delay - time.monotonic()))
         async with self._lock:
             at = doubt.at if doubt.at is not None else time.time()
@@ -307,6 +314,8 @@ class Settler:
         except (BatchError, OSError) as exc:
             self.metrics.note("listing failed: lost submit stays counted", error=str(exc))
             return None
+        if listing.items:
+            self.listing_has_inputs = any(item.inputs is not None for item in listing.items)
         # A partial listing cannot prove that nothing was created.
         return list(listing.items) if listing.complete else None
 

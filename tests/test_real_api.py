@@ -260,25 +260,27 @@ def _forget_outcomes(out: Path) -> None:
     (out / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
 
 
+@pytest.mark.parametrize("inputs", [False, True], ids=["documented", "with-inputs"])
 def test_audit_finds_every_orphan_the_emulator_billed(
-    run, cli, images, write_manifest, emulator, tmp_path
+    run, cli, images, write_manifest, emulator, tmp_path, inputs
 ):
-    """Orphans recorded by the run and orphans no ledger knows (a kill) are all found,
-    with their cost; audit submits nothing."""
+    """Orphans no ledger knows (outcomes lost to a kill) are all found, with their cost;
+    audit submits nothing."""
+    emulator.config.listing_inputs = inputs
     emulator.script("submit", "drop_after", "html_after", "500_after", "drop_after")
     path = write_manifest(simple_rows(images, 10))
     assert run(path, "--concurrency", "1").code == 0
     out = tmp_path / "out"
-    # A second folder's worth of orphans the ledger never heard of.
     _forget_outcomes(out)
     accepted = emulator.stats.submits_accepted
     result = cli("audit", out, "--json", "--base-url", emulator.base_url)
     info = json.loads(result.out)
     expected = set(emulator.stats.created_ids) - set(row_tasks(out))
-    assert len(expected) == 4
+    assert len(expected) == (0 if inputs else 4)  # with inputs, every lost task was adopted
     assert {o["prediction_id"] for o in info["orphans"]} == expected
-    assert info["unrecorded_orphans"] == 4 and result.code == 1
-    assert info["billed_spend"] == pytest.approx(14 * PRICE)
+    assert info["unrecorded_orphans"] == len(expected)
+    assert result.code == (1 if expected else 0)
+    assert info["billed_spend"] == pytest.approx(len(emulator.stats.created_ids) * PRICE)
     assert info["recorded_spend"] >= info["billed_spend"] - 1e-9
     assert emulator.stats.submits_accepted == accepted
 
