@@ -99,9 +99,10 @@ def describe(e: Estimate) -> str:
         price = "live prices"
     else:
         price = f"${e.prices.fallback:g} from --price"
+    held = f", {c['held']} held by a damaged ledger" if c.get("held") else ""
     line = (
         f"{total} rows: {c['done']} done, {c['poll']} to poll, "
-        f"{c['submit']} to submit, {c['failed']} failed"
+        f"{c['submit']} to submit, {c['failed']} failed{held}"
         f"; estimated cost ${e.cost:.2f} ({c['submit']} at {price})"
     )
     if e.spent:

@@ -230,8 +230,9 @@ def _plans(
 ) -> tuple[dict[str, int], float, list[Row]]:
     state = read_ledgers(ledger_paths(out_dir), keep_last=False)
     files = existing_files(out_dir)
+    hold_all = state.damage_unattributed
     plans = [
-        (row, plan_row(state.rows.get(row.id), row.fingerprint, files, retry_failed))
+        (row, plan_row(state.rows.get(row.id), row.fingerprint, files, retry_failed, hold_all))
         for row in manifest.rows
     ]
     to_submit = [row for row, plan in plans if plan.action is Action.SUBMIT]

@@ -163,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--base-url", help="API base URL (env WAVESPEED_BASE_URL)")
     audit.add_argument("--api-key-file", type=Path, help="read the key from this file")
 
+    repair = sub.add_parser("repair", help="list damaged ledger lines; --drop moves them out")
+    repair.add_argument("out_dir", type=Path)
+    repair.add_argument(
+        "--drop",
+        action="store_true",
+        help="move damaged lines to ledger.damaged.jsonl so held rows can run again",
+    )
+
     status = sub.add_parser("status", help="state of a run, from its ledger")
     status.add_argument("out_dir", type=Path)
     status.add_argument("--json", action="store_true")
@@ -200,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_validate(args)
         if args.command == "status":
             return _cmd_status(args)
+        if args.command == "repair":
+            return _cmd_repair(args)
         if args.command == "audit":
             return _cmd_audit(args)
         if args.command == "report":
@@ -489,6 +499,12 @@ def _summary_lines(summary: Summary) -> list[str]:
         lines += [f"    {count} x {cause}" for cause, count in summary.failures.items()]
     if summary.stop_reason:
         lines.append(f"  stopped: {summary.stop_reason}")
+    if summary.held:
+        lines.append(
+            f"  held: {summary.held} rows not submitted: damaged ledger line(s) "
+            f"{', '.join(summary.damaged_lines)} may concern them (they may be paid "
+            f"already); see `wsbatch repair {summary.out_dir}`"
+        )
     lines.append(
         f"  spend this run: ${summary.spend_usd:.2f} (folder total ${summary.spend_total_usd:.2f})"
     )
@@ -535,6 +551,8 @@ def status_of(out_dir: Path) -> dict[str, Any]:
         # Lost answers and kills the account's listing has not settled yet: counted as
         # possible duplicates until it does (the next run, or `wsbatch audit --adopt`).
         "unsettled": len(state.doubts),
+        # Ledger lines that could not be read, as "file:line": `wsbatch repair` settles them.
+        "damaged_lines": [f"{d.path}:{d.line}" for d in state.damage],
         "runs": len(state.runs),
         "manifest": last_run.get("manifest"),
         "model": last_run.get("model"),
@@ -553,7 +571,21 @@ def _cmd_status(args: argparse.Namespace) -> int:
         f"{info['not_started']} not started; {info['submits']} submits over {info['runs']} runs, "
         f"${info['spend_usd']:.2f} spent"
     )
+    if info["damaged_lines"]:
+        print(
+            f"  {len(info['damaged_lines'])} damaged ledger line(s) "
+            f"({', '.join(info['damaged_lines'][:5])}): see `wsbatch repair {info['out_dir']}`"
+        )
     return 0
+
+
+def _cmd_repair(args: argparse.Namespace) -> int:
+    from batch import repair
+
+    found = repair.drop(args.out_dir) if args.drop else repair.inspect(args.out_dir)
+    print("\n".join(repair.describe(found, args.out_dir, args.drop)))
+    # Damage left in place is something the user still has to decide about.
+    return 1 if found.damage and not args.drop else 0
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:

@@ -410,10 +410,157 @@ _DECODERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
 }
 
 
+class DamagedLine(ValueError):
+    """A line of a known event whose fields are missing or of the wrong type."""
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_strs(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_bools(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, bool) for x in v)
+
+
+def _is_code(v: Any) -> bool:
+    return _is_int(v) or isinstance(v, str)
+
+
+def _is_dict(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+_Check = Callable[[Any], bool]
+_REQUEST: dict[str, _Check] = {
+    "fingerprint": _is_str,
+    "model": _is_str,
+    "prompt": _is_str,
+    "image": _is_str,
+    "image_path": _is_str,
+}
+# Per known event: fields it must have, and the type of every field it may have (null is
+# allowed for the optional ones). A line that breaks these is damage, never a fact.
+_SHAPES: dict[str, tuple[frozenset[str], dict[str, _Check]]] = {
+    "uploaded": (
+        frozenset({"sha256", "download_url"}),
+        {"sha256": _is_str, "download_url": _is_str, "file": _is_str, "base_url": _is_str},
+    ),
+    "submitting": (
+        frozenset({"row", "intent"}),
+        {
+            "row": _is_str,
+            "intent": _is_str,
+            "seed": _is_int,
+            "price": _is_num,
+            "fingerprint": _is_str,
+            "request_sha": _is_str,
+            "request_keys": _is_strs,
+            "model": _is_str,
+        },
+    ),
+    "submitted": (
+        frozenset({"row", "prediction_id"}),
+        {
+            "row": _is_str,
+            "prediction_id": _is_str,
+            "seed": _is_int,
+            "attempt": _is_int,
+            "intent": _is_str,
+            "price": _is_num,
+            "fingerprint": _is_str,
+            "possible_duplicates": _is_int,
+        },
+    ),
+    "submit_refused": (
+        frozenset({"row", "intent"}),
+        {"row": _is_str, "intent": _is_str, "error": _is_str, "status": _is_int},
+    ),
+    "submit_unknown": (
+        frozenset({"row", "intent"}),
+        {"row": _is_str, "intent": _is_str, "error": _is_str, "status": _is_int},
+    ),
+    "submit_settled": (
+        frozenset({"row", "intent", "outcome"}),
+        {"row": _is_str, "intent": _is_str, "outcome": _is_str, "prediction_id": _is_str},
+    ),
+    "completed": (
+        frozenset({"row", "outputs"}),
+        {
+            "row": _is_str,
+            "prediction_id": _is_str,
+            "outputs": _is_strs,
+            "sha256": _is_strs,
+            "nsfw": _is_bools,
+            "inference_ms": _is_num,
+            "seed": _is_int,
+            "meta": _is_dict,
+            **_REQUEST,
+        },
+    ),
+    "failed": (
+        frozenset({"row"}),
+        {
+            "row": _is_str,
+            "error": _is_str,
+            "retryable": _is_bool,
+            "prediction_id": _is_str,
+            "code": _is_code,
+            "task_status": _is_str,
+            "live": _is_bool,
+            "attempt": _is_int,
+            "seed": _is_int,
+            "possible_duplicates": _is_int,
+            **_REQUEST,
+        },
+    ),
+}
+# Fields whose null is a damage, not "not given": an event without them means nothing.
+_NOT_NULL = frozenset({"row", "intent", "outputs", "sha256", "download_url", "outcome"})
+
+
+def check_shape(d: Mapping[str, Any]) -> None:
+    """Raise ``DamagedLine`` when a known event's fields are missing or mistyped."""
+    shape = _SHAPES.get(d.get("event"))  # type: ignore[arg-type]
+    if shape is None:
+        return
+    required, types = shape
+    for name in required:
+        if d.get(name) is None:
+            raise DamagedLine(f"{d.get('event')} without {name}")
+    for name, ok in types.items():
+        value = d.get(name)
+        if value is None:
+            if name in d and name in _NOT_NULL:
+                raise DamagedLine(f"{d.get('event')} with {name}: null")
+            continue
+        if not ok(value):
+            raise DamagedLine(f"{d.get('event')} with a bad {name}: {str(value)[:40]!r}")
+
+
 def decode(d: Mapping[str, Any]) -> Event | None:
-    """The event a parsed ledger line holds, or None (unknown kind or unusable fields)."""
+    """The event a parsed ledger line holds, or None for a kind this version does not
+    know (newer writers). A known event with broken fields raises ``DamagedLine``."""
     decoder = _DECODERS.get(d.get("event"))  # type: ignore[arg-type]
     if decoder is None:
         return None
+    check_shape(d)
     event: Event | None = decoder(d)
+    if event is None:
+        raise DamagedLine(f"{d.get('event')} that says nothing usable")
     return event

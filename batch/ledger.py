@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.bulk import gc_paused
-from batch.events import Event, decode
+from batch.events import DamagedLine, Event, decode
 from batch.events import encode as encode_event
 from batch.state import LedgerState, apply, merge_states
 
@@ -31,8 +32,28 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _apply_record(state: LedgerState, record: dict[str, Any], keep_last: bool) -> None:
-    event = decode(record)
+_ROW_FIELD = re.compile(rb'"row"\s*:\s*("(?:[^"\\\n]|\\.)*")')
+
+
+def _row_in(line: bytes) -> str | None:
+    """The row a garbled line names, when that much of it is still readable."""
+    match = _ROW_FIELD.search(line)
+    if match is None:
+        return None
+    try:
+        row = json.loads(match.group(1))
+    except ValueError:
+        return None
+    return row if isinstance(row, str) else None
+
+
+def _apply_record(state: LedgerState, record: dict[str, Any], keep_last: bool, line: int) -> None:
+    try:
+        event = decode(record)
+    except DamagedLine as exc:
+        row = record.get("row")
+        state.damaged(line, row if isinstance(row, str) else None, str(exc))
+        return
     if event is not None:  # unknown events are skipped so older readers survive newer writers
         apply(state, event, record, keep_last)
 
@@ -88,41 +109,49 @@ def _parse(line: bytes) -> dict[str, Any] | None:
 
 
 def read_ledger(path: Path, *, keep_last: bool = True) -> tuple[LedgerState, int]:
-    """Read a ledger once; return its state and the offset where good data ends.
+    """Read a ledger once; return its state and the offset where whole lines end.
 
-    A torn or garbled tail (a line without newline, or trailing lines that are
-    not JSON) is left out; a bad line in the middle is skipped and counted.
-    ``keep_last=False`` drops each row's last event dict: a 100k-row resume needs
-    only the row states, not 100k parsed events.
+    Only bytes after the last newline are a torn tail (a write cut by a crash: every
+    line is written whole, newline included). A whole line that is not what it claims
+    (garbled JSON, a known event with broken fields) is damage: recorded with its line
+    number and the row it names, and never cut away. ``keep_last=False`` drops each
+    row's last event dict: a 100k-row resume needs only the row states.
     """
     state = LedgerState()
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return state, 0
-    good_end = 0
-    pending_bad = 0
+    # Bytes after the last newline are a write cut short; so are whole lines of NUL
+    # bytes at the end (some filesystems show a crash's unwritten blocks as zeros).
+    good_end = data.rfind(b"\n") + 1
+    while good_end:
+        start = data.rfind(b"\n", 0, good_end - 1) + 1
+        if data[start : good_end - 1].strip(b"\0") or start == good_end - 1:
+            break
+        good_end = start
+    torn = bool(data[good_end:].strip())
+    data = data[:good_end]
+    line_no = 0
     with gc_paused():
         for chunk_start, chunk_end, events in _chunks(data):
             if events is not None:  # the whole chunk parsed at once: the common case
                 for record in events:
-                    _apply_record(state, record, keep_last)
-                state.corrupt_lines += pending_bad
-                pending_bad = 0
-                good_end = chunk_end
+                    line_no += 1
+                    _apply_record(state, record, keep_last, line_no)
                 continue
-            for end, line in _lines(data, chunk_start, chunk_end):
+            for _, line in _lines(data, chunk_start, chunk_end):
+                line_no += 1
                 if not line.strip():
                     continue
                 parsed = _parse(line)
                 if parsed is None:
-                    pending_bad += 1
+                    state.damaged(line_no, _row_in(line), "not a JSON object")
                     continue
-                state.corrupt_lines += pending_bad
-                pending_bad = 0
-                _apply_record(state, parsed, keep_last)
-                good_end = end
-    state.torn_tail = good_end < len(data) and bool(data[good_end:].strip())
+                _apply_record(state, parsed, keep_last, line_no)
+    state.torn_tail = torn
+    for damage in state.damage:
+        damage.path = path.name
     return state, good_end
 
 
@@ -167,6 +196,7 @@ class LedgerTail:
         self.path = path
         self.offset = offset
         self.state = LedgerState()
+        self.lines = 0  # lines read since ``offset``
 
     def refresh(self) -> LedgerState:
         try:
@@ -177,9 +207,10 @@ class LedgerTail:
             return self.state
         end = data.rfind(b"\n") + 1
         for _, line in _lines(data, 0, end):
+            self.lines += 1
             parsed = _parse(line) if line.strip() else None
             if parsed is not None:
-                _apply_record(self.state, parsed, False)
+                _apply_record(self.state, parsed, False, self.lines)
         self.offset += end
         return self.state
 

@@ -79,6 +79,8 @@ class Summary:
     possible_duplicates: int
     possible_duplicates_total: int
     unsettled: int  # submits of the folder whose outcome the listing has not settled
+    held: int  # rows not submitted because a damaged ledger line may concern them
+    damaged_lines: list[str]  # "ledger.jsonl:12", for the message
     reconciled: int
     retries: int
     rate_limited: int
@@ -146,6 +148,7 @@ class Runner:
         self._grace_task: asyncio.Task[None] | None = None
         self._started = time.monotonic()
         self.prices = Prices(options.price)
+        self.held = 0  # rows a damaged ledger line keeps from being submitted
 
     # -- planning ------------------------------------------------------------
 
@@ -168,8 +171,9 @@ class Runner:
     def plans(self) -> Iterator[tuple[Row, Plan]]:
         files = existing_files(self.out_dir)
         rows, retry_failed = self.state.rows, self.options.retry_failed
+        hold_all = self.state.damage_unattributed
         for row in self.rows:
-            yield row, plan_row(rows.get(row.id), row.fingerprint, files, retry_failed)
+            yield row, plan_row(rows.get(row.id), row.fingerprint, files, retry_failed, hold_all)
 
     def _prepare(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -296,6 +300,8 @@ class Runner:
                 self.progress.completed += 1
             elif plan.action is Action.FAILED:
                 self.progress.failed += 1
+            elif plan.action is Action.HELD:
+                self.held += 1
         to_submit = [row for row, plan in planned if plan.action is Action.SUBMIT]
         prices, balance = Prices(self.options.price), None
         if to_submit and not self.stop.stopping:
@@ -429,6 +435,8 @@ class Runner:
             possible_duplicates=state.possible_duplicates - base.possible_duplicates,
             possible_duplicates_total=state.possible_duplicates,
             unsettled=len(state.doubts),
+            held=self.held,
+            damaged_lines=[f"{d.path}:{d.line}" for d in state.damage[:20]],
             reconciled=m.reconciled,
             retries=m.retries,
             rate_limited=m.rate_limited,

@@ -75,6 +75,7 @@ class RowState:
     ts: str | None = None
     intent: str | None = None  # an open submit intent, with the price it reserved
     intent_price: float = 0.0
+    damaged: bool = False  # a ledger line about this row could not be read
     # The row's last event as written, for the report and the dataset files.
     last: Mapping[str, Any] = field(default_factory=dict)
 
@@ -101,6 +102,16 @@ class Doubt:
 
 
 @dataclass(slots=True)
+class Damage:
+    """A ledger line that could not be read as what it claims to be."""
+
+    line: int
+    row: str | None  # the row it names, when that much can still be read
+    reason: str
+    path: str = ""
+
+
+@dataclass(slots=True)
 class LedgerState:
     rows: dict[str, RowState] = field(default_factory=dict)
     # sha256 of an input -> (download_url, when, API base URL it was uploaded through)
@@ -118,6 +129,22 @@ class LedgerState:
     open_spend: float = 0.0
     corrupt_lines: int = 0
     torn_tail: bool = False
+    damage: list[Damage] = field(default_factory=list)
+
+    @property
+    def damage_unattributed(self) -> bool:
+        """A damaged line that names no row: it could be about any of them."""
+        return any(d.row is None for d in self.damage)
+
+    def damaged(self, line: int, row: str | None, reason: str) -> None:
+        """Record a damaged line; the row it names is held from new submits."""
+        self.corrupt_lines += 1
+        self.damage.append(Damage(line, row, reason))
+        if row is not None:
+            known = self.rows.get(row)
+            if known is None:
+                known = self.rows[row] = RowState()
+            known.damaged = True
 
     @property
     def spend(self) -> float:
@@ -327,6 +354,7 @@ def merge_states(states: list[LedgerState]) -> LedgerState:
         merged.unknown_spend += state.unknown_spend
         merged.open_spend += state.open_spend
         merged.corrupt_lines += state.corrupt_lines
+        merged.damage += state.damage
         merged.torn_tail = merged.torn_tail or state.torn_tail
     return merged
 
@@ -339,6 +367,7 @@ class Action(Enum):
     FAILED = "failed"
     POLL = "poll"
     SUBMIT = "submit"
+    HELD = "held"  # would be submitted, but a damaged ledger line may be about it
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,8 +377,23 @@ class Plan:
     seed: int | None = None
 
 
-def plan_row(state: RowState | None, fingerprint: str, files: set[str], retry_failed: bool) -> Plan:
-    """Decide what a row needs, from its state alone."""
+def plan_row(
+    state: RowState | None,
+    fingerprint: str,
+    files: set[str],
+    retry_failed: bool,
+    hold_all: bool = False,
+) -> Plan:
+    """Decide what a row needs, from its state alone. A row a damaged line may concern
+    (``hold_all``: a damaged line naming no row) is never paid for again before the
+    user has looked (``wsbatch repair``): it may already be paid."""
+    plan = _plan(state, fingerprint, files, retry_failed)
+    if plan.action is Action.SUBMIT and (hold_all or (state is not None and state.damaged)):
+        return Plan(Action.HELD, plan.prediction_id, plan.seed)
+    return plan
+
+
+def _plan(state: RowState | None, fingerprint: str, files: set[str], retry_failed: bool) -> Plan:
     if state is None:
         return Plan(Action.SUBMIT)
     if state.fingerprint is not None and state.fingerprint != fingerprint:
