@@ -101,7 +101,7 @@ def test_a_line_naming_no_row_holds_every_unfinished_row(
     path = write_manifest(rows[:2])
     out = tmp_path / "out"
     assert run(path).code == 0
-    rewrite(out, lambda lines: lines[:3] + ["%%% not json %%%\n"] + lines[3:])
+    rewrite(out, lambda lines: [*lines[:3], "%%% not json %%%\n", *lines[3:]])
     paid = emulator.stats.submits_accepted
     bigger = write_manifest(rows, name="bigger")
     result = run(bigger)

@@ -71,7 +71,7 @@ def completed(row: str, second: int, **extra: Any) -> list[dict[str, Any]]:
             "row": row,
             "seed": 1,
             "prediction_id": f"p-{row}",
-        },  # fmt: skip
+        },
         {
             "ts": f"2026-01-01T00:00:{second:02d}.000Z",
             "event": "completed",
@@ -195,8 +195,10 @@ def test_shards_nsfw_in_flight_and_failures_are_all_reported(tmp_path):
     write_ledger(
         out,
         [
-            {"ts": "2026-01-01T00:00:01Z", "event": "submitted", "row": "b", "seed": 3, "prediction_id": "p-b"},
-            {"ts": "2026-01-01T00:00:01Z", "event": "submitted", "row": "c", "seed": 4, "prediction_id": "p-c"},
+            {"ts": "2026-01-01T00:00:01Z", "event": "submitted", "row": "b", "seed": 3,
+             "prediction_id": "p-b"},
+            {"ts": "2026-01-01T00:00:01Z", "event": "submitted", "row": "c", "seed": 4,
+             "prediction_id": "p-c"},
             {"ts": "2026-01-01T00:00:09Z", "event": "failed", "row": "c", "code": "HTTP 413",
              "error": "upload <too> large", "retryable": False},
         ],
