@@ -41,6 +41,7 @@ from batch.manifest import (
     load_manifest,
     manifest_from_args,
 )
+from batch.redact import redact_text
 from batch.runner import Progress, Summary
 from batch.state import RowStatus
 
@@ -218,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_export(args)
         parser.error(f"unknown command {args.command}")
     except BatchError as exc:
-        print(f"wsbatch: error: {exc}", file=sys.stderr)
+        print(f"wsbatch: error: {redact_text(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("wsbatch: interrupted", file=sys.stderr)

@@ -37,6 +37,7 @@ from batch.metrics import Metrics
 from batch.options import RunOptions
 from batch.outputs import output_names, write_atomic
 from batch.polling import PollSchedule, latency_sample
+from batch.redact import redact_text, redact_url
 from batch.retry import DEFAULT_BACKOFF, DeadlinePassed, retrying
 from batch.settle import Settler, request_digest
 from batch.spend import SpendGuard, new_intent
@@ -94,7 +95,7 @@ def request_fields(row: Row) -> dict[str, Any]:
         "fingerprint": row.fingerprint,
         "model": row.model,
         "prompt": row.prompt,
-        "image": row.image,
+        "image": redact_url(row.image),
         "image_path": str(row.image_path) if row.image_path is not None else None,
     }
 
@@ -464,7 +465,7 @@ class Job:
         elif isinstance(exc, ApiError) and code is None:
             code = exc.code if exc.code is not None else exc.cause
             live = self.pid is not None and not isinstance(exc, PredictionGone)
-        message = getattr(exc, "message", None) or str(exc)
+        message = redact_text(getattr(exc, "message", None) or str(exc))
         known = res.state.rows.get(row.id)
         await res.writer.write(
             Failed(

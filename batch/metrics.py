@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.ledger import utc_now
+from batch.redact import redact_text
 
 LOGGER_NAME = "wsbatch.run"
 
@@ -42,7 +43,8 @@ class Metrics:
     def note(self, what: str, **fields: Any) -> None:
         """One JSON log line, when a log is configured."""
         if self.log is not None and self.log.isEnabledFor(logging.INFO):
-            self.log.info(json.dumps({"ts": utc_now(), "what": what, **fields}, default=str))
+            line = json.dumps({"ts": utc_now(), "what": what, **fields}, default=str)
+            self.log.info(redact_text(line))
 
     def retry(self, what: str, reason: str, wait: float) -> None:
         self.retries += 1

@@ -21,6 +21,7 @@ import aiohttp
 from batch import __version__
 from batch.errors import ApiError, AuthError, OutputError, UsageError
 from batch.metrics import Metrics
+from batch.redact import redact_text
 from batch.retry import parse_retry_after
 
 DEFAULT_BASE_URL = "https://api.wavespeed.ai"
@@ -255,7 +256,9 @@ class Transport:
         return self._session
 
     def scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        """A server's text made safe to record: no key, no secret inside a URL."""
+        text = text.replace(self._key, "***") if self._key else text
+        return redact_text(text)
 
     def auth_header(self, url: str) -> dict[str, str]:
         """The key, for the API's own origin only: never a CDN's or storage's."""
