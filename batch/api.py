@@ -29,7 +29,14 @@ from batch.lock import OutDirLock
 from batch.manifest import Manifest, Row, load_manifest, shard_of
 from batch.options import default_poll_floor, default_settle_delay
 from batch.outputs import existing_files
-from batch.runner import PlanCallback, ProgressCallback, Runner, RunOptions, Summary
+from batch.runner import (
+    PlanCallback,
+    ProgressCallback,
+    Runner,
+    RunOptions,
+    Summary,
+    check_owner,
+)
 from batch.state import Action, LedgerState, RowState, RowStatus, count_actions, plan_row
 
 P = ParamSpec("P")
@@ -228,6 +235,7 @@ async def run_manifest_async(
 def _plans(
     manifest: Manifest, out_dir: Path, retry_failed: bool
 ) -> tuple[dict[str, int], float, list[Row]]:
+    check_owner(out_dir, manifest)
     state = read_ledgers(ledger_paths(out_dir), keep_last=False)
     files = existing_files(out_dir)
     hold_all = state.damage_unattributed

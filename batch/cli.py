@@ -272,9 +272,17 @@ def _out_dir(args: argparse.Namespace, manifest: Manifest) -> Path:
     if args.out is not None:
         return Path(args.out)
     if args.images is not None:
-        # Same command, same folder: that is what makes a rerun resume.
-        key = json.dumps([args.images, args.prompt, args.seeds, args.output_format, args.model])
-        return Path("output") / f"images-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+        # Same command, same folder: that is what makes a rerun resume, however it is
+        # spelled (photos or ./photos/, prompts or seeds in another order).
+        images = os.path.normpath(args.images.rstrip("/") or "/")
+        prompts = sorted(set(args.prompt or []))
+        seeds = sorted(set(args.seeds or []))
+        key = json.dumps([images, prompts, seeds, args.output_format, args.model])
+        folder = Path("output") / f"images-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+        # Folders named by earlier versions (the flags as typed) keep resuming.
+        typed = json.dumps([args.images, args.prompt, args.seeds, args.output_format, args.model])
+        older = Path("output") / f"images-{hashlib.sha256(typed.encode()).hexdigest()[:10]}"
+        return older if older.is_dir() and not folder.exists() else folder
     return default_out_dir(manifest)
 
 

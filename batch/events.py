@@ -68,6 +68,8 @@ class RunStarted:
     rate: float | None = None
     budget: float | None = None
     schema: int = SCHEMA
+    # The manifest file's absolute path: a folder holds one manifest's rows.
+    manifest_path: str | None = None
     kind = "run"
 
 
@@ -268,6 +270,7 @@ def _run(d: Mapping[str, Any]) -> RunStarted | None:
         rate=_float(d.get("rate")),
         budget=_float(d.get("budget")),
         schema=_int(d.get("schema")) or 1,
+        manifest_path=_str(d.get("manifest_path")),
     )
 
 

@@ -155,6 +155,23 @@ def read_ledger(path: Path, *, keep_last: bool = True) -> tuple[LedgerState, int
     return state, good_end
 
 
+def first_manifest(path: Path) -> str | None:
+    """The manifest file the ledger's first run named (``manifest_path``), read from
+    the first lines only: a 100k-row ledger is not read twice for this."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64 * 1024)
+    except FileNotFoundError:
+        return None
+    for line in head.split(b"\n")[:50]:
+        record = _parse(line) if line.strip() else None
+        if record is not None and record.get("event") == "run":
+            found = record.get("manifest_path")
+            if isinstance(found, str):
+                return found
+    return None
+
+
 def ledger_name(shard: tuple[int, int] | None) -> str:
     """``ledger.jsonl``, or ``ledger.shard-K-of-N.jsonl`` for one shard of a cluster job."""
     return LEDGER_NAME if shard is None else f"ledger.shard-{shard[0]}-of-{shard[1]}.jsonl"
