@@ -25,6 +25,8 @@ A submit's life in the ledger::
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -426,7 +428,11 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_amount(v: Any) -> bool:
+    return _is_num(v) and v >= 0
 
 
 def _is_bool(v: Any) -> bool:
@@ -470,7 +476,7 @@ _SHAPES: dict[str, tuple[frozenset[str], dict[str, _Check]]] = {
             "row": _is_str,
             "intent": _is_str,
             "seed": _is_int,
-            "price": _is_num,
+            "price": _is_amount,
             "fingerprint": _is_str,
             "request_sha": _is_str,
             "request_keys": _is_strs,
@@ -485,7 +491,7 @@ _SHAPES: dict[str, tuple[frozenset[str], dict[str, _Check]]] = {
             "seed": _is_int,
             "attempt": _is_int,
             "intent": _is_str,
-            "price": _is_num,
+            "price": _is_amount,
             "fingerprint": _is_str,
             "possible_duplicates": _is_int,
         },
@@ -510,7 +516,7 @@ _SHAPES: dict[str, tuple[frozenset[str], dict[str, _Check]]] = {
             "outputs": _is_strs,
             "sha256": _is_strs,
             "nsfw": _is_bools,
-            "inference_ms": _is_num,
+            "inference_ms": _is_amount,
             "seed": _is_int,
             "meta": _is_dict,
             **_REQUEST,
@@ -539,7 +545,8 @@ _NOT_NULL = frozenset({"row", "intent", "outputs", "sha256", "download_url", "ou
 
 def check_shape(d: Mapping[str, Any]) -> None:
     """Raise ``DamagedLine`` when a known event's fields are missing or mistyped."""
-    shape = _SHAPES.get(d.get("event"))  # type: ignore[arg-type]
+    kind = d.get("event")
+    shape = _SHAPES.get(kind) if isinstance(kind, str) else None
     if shape is None:
         return
     required, types = shape
@@ -559,7 +566,10 @@ def check_shape(d: Mapping[str, Any]) -> None:
 def decode(d: Mapping[str, Any]) -> Event | None:
     """The event a parsed ledger line holds, or None for a kind this version does not
     know (newer writers). A known event with broken fields raises ``DamagedLine``."""
-    decoder = _DECODERS.get(d.get("event"))  # type: ignore[arg-type]
+    kind = d.get("event")
+    if not isinstance(kind, str):
+        raise DamagedLine("a line without an event name")
+    decoder = _DECODERS.get(kind)
     if decoder is None:
         return None
     check_shape(d)
