@@ -26,7 +26,6 @@ A submit's life in the ledger::
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
