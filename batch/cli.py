@@ -11,6 +11,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import shlex
 import os
 import sys
 import time
@@ -202,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return emulator.main(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(args_list)
+    args.argv = args_list  # what "run the same command again" means
     try:
         if args.command == "run":
             return _cmd_run(args)
@@ -334,21 +336,22 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 class _ProgressView:
-    """A tqdm bar on a terminal, a plain line every few seconds otherwise."""
+    """A tqdm bar on a terminal, a plain line every few seconds otherwise.
 
-    def __init__(self, total: int, enabled: bool, stream: TextIO | None = None) -> None:
-        stream = stream or sys.stderr
-        self.stream = stream
-        self.enabled = enabled and total > 0
+    The bar is made at the first progress report, after the plan line is printed, and
+    starts at the rows already finished, so its rate and ETA count this run's rows only.
+    """
+
+    def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
         self.bar: Any = None
         self._last = 0.0
         self._start = time.monotonic()
         self._base: int | None = None
         self._stopping_told = False
-        if self.enabled and stream.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, file=stream, unit="row", dynamic_ncols=True, leave=True)
+        self._tty: tuple[int, list[Any]] | None = None
+        self._finished = 0
 
     def __call__(self, p: Progress) -> None:
         if p.stopping and not self._stopping_told:
@@ -358,12 +361,26 @@ class _ProgressView:
                 f"wsbatch: stopping ({p.stop_reason}): no new submissions; "
                 f"finishing {p.in_flight} in flight{again}"
             )
-        if not self.enabled:
+        if not self.enabled or p.total == 0:
             return
         finished = p.completed + p.failed
         if self._base is None:
             self._base = finished
+            self._start = time.monotonic()
+            if self.stream.isatty():
+                from tqdm import tqdm
+
+                self._quiet_ctrl_echo()
+                self.bar = tqdm(
+                    total=p.total,
+                    initial=finished,
+                    file=self.stream,
+                    unit="row",
+                    dynamic_ncols=True,
+                    leave=True,
+                )
         now = time.monotonic()
+        self._finished = finished
         if self.bar is not None:
             if now - self._last >= 0.1 or finished == p.total:
                 self._last = now
@@ -388,10 +405,32 @@ class _ProgressView:
         else:
             print(line, file=self.stream, flush=True)
 
+    def _quiet_ctrl_echo(self) -> None:
+        """The terminal echoes Ctrl-C as "^C" where the cursor is, at the end of the bar,
+        which pushes the bar's next redraw onto a new line and leaves a frozen copy.
+        Echo of control keys is off while the bar is up, and restored after."""
+        with contextlib.suppress(ImportError, OSError, ValueError):
+            import termios
+
+            fd = sys.stdin.fileno()
+            if os.isatty(fd):
+                attrs = termios.tcgetattr(fd)
+                self._tty = (fd, list(attrs))
+                attrs[3] &= ~termios.ECHOCTL
+                termios.tcsetattr(fd, termios.TCSANOW, attrs)
+
     def close(self) -> None:
         if self.bar is not None:
+            self.bar.n = self._finished  # the last report may have been throttled
+            self.bar.refresh()
             self.bar.close()
             self.bar = None
+        if self._tty is not None:
+            with contextlib.suppress(ImportError, OSError, ValueError):
+                import termios
+
+                termios.tcsetattr(self._tty[0], termios.TCSANOW, self._tty[1])
+            self._tty = None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -422,7 +461,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if warning:
             print(f"wsbatch: warning: {warning}", file=sys.stderr)
 
-    view = _ProgressView(len(manifest.rows), enabled=not (args.no_progress or quiet))
+    view = _ProgressView(enabled=not (args.no_progress or quiet))
     settings["concurrency"] = _fit_open_file_limit(settings["concurrency"])
     try:
         summary = asyncio.run(
@@ -449,7 +488,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary.as_dict(), sort_keys=True))
     elif not quiet:
-        _print_summary(summary)
+        _print_summary(summary, args.argv)
     elif summary.exit_code != 0:
         print(_summary_lines(summary)[0], file=sys.stderr)
     return summary.exit_code
@@ -521,8 +560,16 @@ def _summary_lines(summary: Summary) -> list[str]:
     return lines
 
 
-def _print_summary(summary: Summary) -> None:
-    print("\n".join(_summary_lines(summary)))
+def _print_summary(summary: Summary, argv: list[str]) -> None:
+    lines = _summary_lines(summary)
+    unfinished = summary.in_flight + summary.not_started
+    if summary.stopped_by is not None or (summary.stop_reason and unfinished):
+        # Rows in flight are followed by id and finished rows kept: nothing is paid twice.
+        lines.append(
+            f"  to resume: {shlex.join(['wsbatch', *argv])}  (finished rows are kept; "
+            "rows in flight are polled, not paid again)"
+        )
+    print("\n".join(lines))
 
 
 # -- status ------------------------------------------------------------------
