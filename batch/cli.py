@@ -11,8 +11,8 @@ import contextlib
 import gc
 import hashlib
 import json
-import shlex
 import os
+import shlex
 import sys
 import time
 import traceback
