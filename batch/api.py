@@ -22,11 +22,13 @@ from typing import Any, ParamSpec, TypeVar
 from batch.account import Estimate, Prices, estimate, live_prices
 from batch.audit import Audit, audit
 from batch.client import DEFAULT_BASE_URL, Client, check_base_url
-from batch.errors import UsageError
+from batch.errors import ManifestError, UsageError
 from batch.export import METADATA_NAME, write_metadata
 from batch.ledger import ledger_name, ledger_paths, read_ledgers
 from batch.lock import OutDirLock
 from batch.manifest import Manifest, Row, load_manifest, shard_of
+from batch.models import known as known_models
+from batch.models import schema_problems
 from batch.options import default_poll_floor, default_settle_delay
 from batch.outputs import existing_files
 from batch.runner import (
@@ -194,6 +196,7 @@ async def run_manifest_async(
     url = check_base_url(base_url or os.environ.get("WAVESPEED_BASE_URL") or DEFAULT_BASE_URL)
     key = _resolve_key(api_key)
     target = Path(out_dir) if out_dir is not None else default_out_dir(manifest)
+    await asyncio.to_thread(check_schemas, manifest)
     options = RunOptions(
         out_dir=target,
         concurrency=concurrency,
@@ -232,9 +235,18 @@ async def run_manifest_async(
     return summary
 
 
+def check_schemas(manifest: Manifest) -> None:
+    """Every row's params against its model's schema (cached or bundled), before any
+    request: a field the model does not take is a paid task that fails."""
+    problems = schema_problems(manifest.rows, known_models())
+    if problems:
+        raise ManifestError(problems)
+
+
 def _plans(
     manifest: Manifest, out_dir: Path, retry_failed: bool
 ) -> tuple[dict[str, int], float, list[Row]]:
+    check_schemas(manifest)
     check_owner(out_dir, manifest)
     state = read_ledgers(ledger_paths(out_dir), keep_last=False)
     files = existing_files(out_dir)
@@ -273,6 +285,16 @@ async def estimate_manifest_async(
             live_prices(client, to_submit, price), client.balance()
         )
     return estimate(counts, spent, to_submit, prices, balance)
+
+
+async def fetch_models_async(
+    *, api_key: str | None = None, base_url: str | None = None
+) -> list[Any]:
+    """The API's model catalogue, raw (``GET /api/v3/models``)."""
+    url = check_base_url(base_url or os.environ.get("WAVESPEED_BASE_URL") or DEFAULT_BASE_URL)
+    key = _resolve_key(api_key)
+    async with Client(url, key.value, connections=2) as client:
+        return await client.models()
 
 
 async def audit_async(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import gc
 import hashlib
 import json
@@ -27,6 +28,7 @@ from batch.api import (
     default_out_dir,
     estimate_manifest_async,
     estimate_offline,
+    fetch_models_async,
     parse_shard,
     run_manifest_async,
 )
@@ -165,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--base-url", help="API base URL (env WAVESPEED_BASE_URL)")
     audit.add_argument("--api-key-file", type=Path, help="read the key from this file")
 
+    models_cmd = sub.add_parser("models", help="list models, or show one's fields")
+    models_cmd.add_argument("name", nargs="?", help="a model id, e.g. bytedance/seedream-v4/edit")
+    models_cmd.add_argument(
+        "--refresh", action="store_true", help="fetch the catalogue from the API and cache it"
+    )
+    models_cmd.add_argument("--base-url", help="API base URL, with --refresh")
+    models_cmd.add_argument("--api-key-file", type=Path, help="read the key from this file")
+
     repair = sub.add_parser("repair", help="list damaged ledger lines; --drop moves them out")
     repair.add_argument("out_dir", type=Path)
     repair.add_argument(
@@ -211,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_validate(args)
         if args.command == "status":
             return _cmd_status(args)
+        if args.command == "models":
+            return _cmd_models(args)
         if args.command == "repair":
             return _cmd_repair(args)
         if args.command == "audit":
@@ -632,6 +644,36 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"  {len(info['damaged_lines'])} damaged ledger line(s) "
             f"({', '.join(info['damaged_lines'][:5])}): see `wsbatch repair {info['out_dir']}`"
         )
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from batch import models
+
+    if args.refresh:
+        base_url = check_base_url(
+            args.base_url or os.environ.get("WAVESPEED_BASE_URL") or DEFAULT_BASE_URL
+        )
+        fetched = asyncio.run(fetch_models_async(api_key=_api_key(args), base_url=base_url))
+        if not models.parse_catalogue(fetched):
+            raise UsageError("the API's model catalogue holds no model with a request schema")
+        models.save(fetched)
+    catalogue = models.known()
+    if args.name:
+        model = catalogue.get(args.name)
+        if model is None:
+            near = difflib.get_close_matches(args.name, list(catalogue.models), n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise UsageError(
+                f"no schema for {args.name}{hint}; `wsbatch models --refresh` fetches the catalogue"
+            )
+        print("\n".join(models.describe(model)))
+        print(f"  (schema {catalogue.age()})")
+        return 0
+    print(f"{len(catalogue.models)} model(s), schemas {catalogue.age()}:")
+    for model in sorted(catalogue.models.values(), key=lambda m: m.model_id):
+        price = f"${model.base_price:g}" if model.base_price is not None else "-"
+        print(f"  {model.model_id:48} {price:>8}  {model.image_field}")
     return 0
 
 

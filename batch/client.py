@@ -316,6 +316,13 @@ class Client:
             return None
         return None
 
+    async def models(self) -> list[Any]:
+        """The model catalogue (``GET /api/v3/models``): each model with its schema."""
+        data: Any = await self.transport.api(
+            "GET", "/api/v3/models", read_timeout=self.timeouts.poll, what="models"
+        )
+        return data if isinstance(data, list) else []
+
     async def balance(self) -> float | None:
         """The account's credit in USD, or None when it cannot be read."""
         try:

@@ -48,6 +48,8 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
 from PIL import Image, ImageDraw
 
+from batch.schema import check_value, missing_fields, unknown_fields
+
 __all__ = [
     "API_FAULT_KINDS",
     "CDN_FAULT_KINDS",
@@ -928,30 +930,32 @@ class Emulator:
     async def _create_prediction(self, request: web.Request, model: str) -> Prediction:
         cfg = self.config
         body = await self._json_object(request)
+        spec = MODELS.get(model)
+        if (cfg.known_models is not None and model not in cfg.known_models) or (
+            cfg.known_models is None and spec is None
+        ):
+            raise _Reply(_error(404, f"Model not found: {model}"))
+        # Extra models a test names take the default model's fields.
+        schema = (spec or MODELS[DEFAULT_MODEL]).request_schema
+        for name in unknown_fields(body, schema):
+            raise _Reply(_error(400, f"Invalid request: unknown field '{name}' for {model}"))
+        for name in missing_fields(body, schema):
+            raise _Reply(_error(400, f"Invalid request: '{name}' is required"))
+        for name, value in body.items():
+            why = check_value(name, value, schema["properties"][name])
+            if why is not None:
+                raise _Reply(_error(400, f"Invalid request: '{name}' {why}"))
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise _Reply(_error(400, "Invalid request: 'prompt' is required (non-empty string)"))
-        image = body.get("image")
+        images = body.get("images")
+        image = images[0] if isinstance(images, list) and images else body.get("image")
         if not isinstance(image, str) or not image:
             raise _Reply(_error(400, "Invalid request: 'image' is required (an http(s) URL)"))
         seed = body.get("seed", -1)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed <= _SEED_MAX:
-            raise _Reply(
-                _error(400, f"Invalid request: 'seed' must be an integer in -1..{_SEED_MAX}")
-            )
         fmt = body.get("output_format", "jpeg")
-        if fmt not in _FORMATS:
-            raise _Reply(
-                _error(400, "Invalid request: 'output_format' must be one of jpeg, png, webp")
-            )
         b64 = body.get("enable_base64_output", False)
-        if not isinstance(b64, bool):
-            raise _Reply(_error(400, "Invalid request: 'enable_base64_output' must be a boolean"))
         sync = body.get("enable_sync_mode", False)
-        if not isinstance(sync, bool):
-            raise _Reply(_error(400, "Invalid request: 'enable_sync_mode' must be a boolean"))
-        if cfg.known_models is not None and model not in cfg.known_models:
-            raise _Reply(_error(404, f"Model not found: {model}"))
 
         # From here to the task's creation nothing awaits, so concurrent submits cannot
         # all pass the rate and balance checks before any of them is counted.

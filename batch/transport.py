@@ -104,6 +104,8 @@ def classify(
         envelope_code = None
     data = payload.get("data") if isinstance(payload, dict) else None
     if 200 <= status < 300:
+        if what == "models" and isinstance(data, list) and envelope_code in (None, 200):
+            return None  # the catalogue's answer is a list; every other answer an object
         if isinstance(data, dict) and (
             envelope_code in (None, 200) or isinstance(data.get("id"), str)
         ):
@@ -257,7 +259,8 @@ class Transport:
 
     def scrub(self, text: str) -> str:
         """A server's text made safe to record: no key, no secret inside a URL."""
-        text = text.replace(self._key, "***") if self._key else text
+        # A key too short to be real (a test's) would mangle every word it occurs in.
+        text = text.replace(self._key, "***") if len(self._key) >= 8 else text
         return redact_text(text)
 
     def auth_header(self, url: str) -> dict[str, str]:

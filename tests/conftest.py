@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
-def _test_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def _test_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no user's model cache
     monkeypatch.setenv("WSBATCH_ZERO_BACKOFF", "1")
     monkeypatch.setenv("WSBATCH_POLL_FLOOR", "0.05")
     monkeypatch.setenv("WSBATCH_SETTLE_DELAY", "0.05")

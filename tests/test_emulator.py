@@ -23,6 +23,7 @@ import pytest_asyncio
 from PIL import Image
 
 from batch.emulator import (
+    MODELS,
     Emulator,
     EmulatorConfig,
     main,
@@ -839,7 +840,9 @@ async def test_price_shapes_and_per_model_prices(
 
 async def submit_to(http: aiohttp.ClientSession, emu: Emulator, model: str) -> str:
     """Submit a minimal valid body to ``model``; answers the prediction id."""
-    body = {"prompt": "p", "image": "http://127.0.0.1:1/x.png"}
+    url = "http://127.0.0.1:1/x.png"
+    takes_list = model in MODELS and "images" in MODELS[model].request_schema["properties"]
+    body = {"prompt": "p", **({"images": [url]} if takes_list else {"image": url})}
     async with http.post(f"{emu.base_url}/api/v3/{model}", json=body, headers=AUTH) as resp:
         assert resp.status == 200
         pid: str = (await resp.json())["data"]["id"]
@@ -1011,3 +1014,24 @@ def test_cli_flags_reach_the_config() -> None:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@pytest.mark.asyncio
+async def test_submits_are_checked_against_the_models_schema(emu, http):
+    """Unknown fields, missing required fields, bad values and unknown models are
+    refused (400/404) without creating or billing anything."""
+    url = "http://127.0.0.1:1/x.png"
+    bad = [
+        ("wavespeed-ai/hidream-e1-full", {"prompt": "p", "image": url, "strength": 1}, 400),
+        ("wavespeed-ai/hidream-e1-full", {"prompt": "p"}, 400),
+        ("wavespeed-ai/hidream-e1-full", {"prompt": "p", "image": url, "seed": -5}, 400),
+        ("bytedance/seedream-v4/edit", {"prompt": "p", "image": url}, 400),
+        ("bytedance/seedream-v4/edit", {"prompt": "p", "images": [url] * 11}, 400),
+        ("nobody/no-such-model", {"prompt": "p", "image": url}, 404),
+    ]
+    for model, body, status in bad:
+        async with http.post(f"{emu.base_url}/api/v3/{model}", json=body, headers=AUTH) as resp:
+            assert resp.status == status, (model, body, await resp.text())
+    assert emu.stats.submits_accepted == 0
+    await submit_to(http, emu, "bytedance/seedream-v4/edit")
+    assert emu.stats.submits_accepted == 1
