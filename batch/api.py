@@ -14,6 +14,7 @@ import asyncio
 import functools
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +23,14 @@ from typing import Any, ParamSpec, TypeVar
 from batch.account import Estimate, Prices, estimate, live_prices
 from batch.audit import Audit, audit
 from batch.client import DEFAULT_BASE_URL, Client, check_base_url
-from batch.errors import ManifestError, UsageError
+from batch.errors import AuthError, ManifestError, UsageError
 from batch.export import METADATA_NAME, write_metadata
 from batch.ledger import ledger_name, ledger_paths, read_ledgers
 from batch.lock import OutDirLock
 from batch.manifest import Manifest, Row, load_manifest, shard_of
 from batch.models import known as known_models
 from batch.models import schema_problems
-from batch.options import default_poll_floor, default_settle_delay
+from batch.options import check_zero_backoff, default_poll_floor, default_settle_delay
 from batch.outputs import existing_files
 from batch.runner import (
     PlanCallback,
@@ -44,6 +45,8 @@ from batch.state import Action, LedgerState, RowState, RowStatus, count_actions,
 P = ParamSpec("P")
 T = TypeVar("T")
 SHARD_INDEX_VARIABLES = ("JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX")
+KEY_ENV = "WAVESPEED_API_KEY"
+BASE_URL_ENV = "WAVESPEED_BASE_URL"
 
 __all__ = [
     "Audit",
@@ -62,6 +65,17 @@ __all__ = [
 ]
 
 
+def _env_count(env: Mapping[str, str], name: str, least: int) -> int | None:
+    """A whole number from a scheduler's variable; unset or empty is None, and any
+    other value that is not a number of at least ``least`` is a usage error naming it."""
+    text = env.get(name, "").strip()
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit()) or int(text) < least:
+        raise UsageError(f"{name}={text!r}: --shard auto needs a whole number, {least} or more")
+    return int(text)
+
+
 def parse_shard(
     value: str | None, shards: int | None = None, env: Mapping[str, str] | None = None
 ) -> tuple[int, int] | None:
@@ -70,6 +84,8 @@ def parse_shard(
     ``auto`` reads Kubernetes Indexed Jobs (JOB_COMPLETION_INDEX), AWS Batch array jobs
     (AWS_BATCH_JOB_ARRAY_INDEX) or Slurm job arrays (SLURM_ARRAY_TASK_ID, counted from
     SLURM_ARRAY_TASK_MIN); the count comes from ``shards`` or SLURM_ARRAY_TASK_COUNT.
+    The first of those variables that is set must be a whole number: a bad one is a
+    usage error naming it, never a silent fall through to the next.
     """
     if value is None:
         if shards is not None:
@@ -78,14 +94,23 @@ def parse_shard(
     env = os.environ if env is None else env
     if value == "auto":
         index: int | None = None
+        source = ""
         for name in SHARD_INDEX_VARIABLES:
-            if env.get(name, "").strip().isdigit():
-                index = int(env[name])
+            index = _env_count(env, name, 0)
+            if index is not None:
+                source = f"{name}={index}"
                 break
-        if index is None and env.get("SLURM_ARRAY_TASK_ID", "").strip().isdigit():
-            index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN") or 0)
-            if shards is None and env.get("SLURM_ARRAY_TASK_COUNT", "").isdigit():
-                shards = int(env["SLURM_ARRAY_TASK_COUNT"])
+        task_id = None if index is not None else _env_count(env, "SLURM_ARRAY_TASK_ID", 0)
+        if task_id is not None:
+            low = _env_count(env, "SLURM_ARRAY_TASK_MIN", 0) or 0
+            if task_id < low:
+                raise UsageError(
+                    f"SLURM_ARRAY_TASK_ID={task_id} is below SLURM_ARRAY_TASK_MIN={low}"
+                )
+            index = task_id - low
+            source = f"SLURM_ARRAY_TASK_ID={task_id} (from SLURM_ARRAY_TASK_MIN={low})"
+            if shards is None:
+                shards = _env_count(env, "SLURM_ARRAY_TASK_COUNT", 1)
         if index is None:
             raise UsageError(
                 "--shard auto found no array index (JOB_COMPLETION_INDEX, "
@@ -93,14 +118,22 @@ def parse_shard(
             )
         if shards is None:
             raise UsageError("--shard auto needs the number of shards: --shards N")
-        count = shards
-    else:
-        match = re.fullmatch(r"(\d+)/(\d+)", value.strip())
-        if not match:
-            raise UsageError(f"--shard {value!r}: use K/N (K from 0 to N-1) or auto")
-        index, count = int(match[1]), int(match[2])
+        if index >= shards:
+            raise UsageError(
+                f"--shard auto: {source} is shard {index}, but there are {shards} "
+                "(K runs from 0 to N-1)"
+            )
+        return index, shards
+    match = re.fullmatch(r"([0-9]+)/([0-9]+)", value.strip())
+    if not match:
+        raise UsageError(f"--shard {value!r}: use K/N (K from 0 to N-1) or auto")
+    index, count = int(match[1]), int(match[2])
     if count < 1 or not 0 <= index < count:
         raise UsageError(f"shard {index} of {count} does not exist (K runs from 0 to N-1)")
+    if shards is not None and shards != count:
+        raise UsageError(
+            f"--shard {value} and --shards {shards} disagree: --shards goes with --shard auto"
+        )
     return index, count
 
 
@@ -146,14 +179,46 @@ class _Key:
         return "_Key(***)"
 
 
+def check_api_key(key: str, source: str) -> None:
+    """A key is printable ASCII without spaces. Anything else (a control character, a
+    space inside, a curly quote from a copy) would fail every request, or be refused by
+    the HTTP library, row after row: stop at the start instead. The key is not shown."""
+    for position, char in enumerate(key, 1):
+        if char.isspace():
+            what = "whitespace"
+        elif unicodedata.category(char) == "Cc":
+            what = "a control character"
+        elif not char.isascii():
+            what = "a non-ASCII character"
+        else:
+            continue
+        raise AuthError(
+            f"the API key from {source} has {what} at position {position} of {len(key)}; "
+            "a key is printable ASCII with no spaces: check how it was copied"
+        )
+
+
 def _resolve_key(api_key: str | None) -> _Key:
-    key = (api_key or os.environ.get("WAVESPEED_API_KEY", "")).strip()
+    source = "the api_key argument" if api_key else KEY_ENV
+    key = (api_key or os.environ.get(KEY_ENV, "")).strip()
     if not key:
         raise UsageError(
-            "no API key: set WAVESPEED_API_KEY (or pass --api-key-file PATH); "
+            f"no API key: set {KEY_ENV} (or pass --api-key-file PATH); "
             "to try wsbatch without an account, run `make demo`"
         )
+    check_api_key(key, source)
     return _Key(key)
+
+
+def resolve_base_url(base_url: str | None, source: str = "base_url") -> str:
+    """``base_url`` when given (``source`` names it in messages), else WAVESPEED_BASE_URL
+    when set, else the vendor's; checked either way."""
+    if base_url is not None:
+        return check_base_url(base_url, source)
+    from_env = os.environ.get(BASE_URL_ENV, "")
+    if from_env.strip():
+        return check_base_url(from_env, BASE_URL_ENV)
+    return check_base_url(DEFAULT_BASE_URL)
 
 
 def default_out_dir(manifest: Manifest) -> Path:
@@ -193,7 +258,8 @@ async def run_manifest_async(
     """
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest)
-    url = check_base_url(base_url or os.environ.get("WAVESPEED_BASE_URL") or DEFAULT_BASE_URL)
+    check_zero_backoff()
+    url = resolve_base_url(base_url)
     key = _resolve_key(api_key)
     target = Path(out_dir) if out_dir is not None else default_out_dir(manifest)
     await asyncio.to_thread(check_schemas, manifest)
@@ -277,7 +343,8 @@ async def estimate_manifest_async(
     price: float = 0.024,
 ) -> Estimate:
     """The plan, priced live, with the account's balance; it submits nothing."""
-    url = check_base_url(base_url or os.environ.get("WAVESPEED_BASE_URL") or DEFAULT_BASE_URL)
+    check_zero_backoff()
+    url = resolve_base_url(base_url)
     key = _resolve_key(api_key)
     counts, spent, to_submit = await asyncio.to_thread(_plans, manifest, out_dir, retry_failed)
     async with Client(url, key.value, connections=4) as client:
@@ -306,7 +373,8 @@ async def audit_async(
 ) -> Audit:
     """Compare the folder's ledgers with the account's listing and billing; it never
     submits. ``adopt`` settles what the ledgers left in doubt, under the folder's lock."""
-    url = check_base_url(base_url or os.environ.get("WAVESPEED_BASE_URL") or DEFAULT_BASE_URL)
+    check_zero_backoff()
+    url = resolve_base_url(base_url)
     key = _resolve_key(api_key)
     async with Client(url, key.value, connections=4) as client:
         return await audit(Path(out_dir), client, adopt=adopt)

@@ -12,6 +12,7 @@ import difflib
 import gc
 import hashlib
 import json
+import math
 import os
 import shlex
 import sys
@@ -25,17 +26,19 @@ from batch import __version__
 from batch.account import Estimate, describe, shortfall
 from batch.api import (
     audit_async,
+    check_api_key,
     default_out_dir,
     estimate_manifest_async,
     estimate_offline,
     fetch_models_async,
     parse_shard,
+    resolve_base_url,
     run_manifest_async,
 )
-from batch.client import DEFAULT_BASE_URL, check_base_url
+from batch.client import DEFAULT_BASE_URL
 from batch.errors import BatchError, UsageError
-from batch.ledger import LEDGER_NAME, ledger_paths, read_ledgers
-from batch.lock import holders
+from batch.ledger import LEDGER_NAME, ledger_name, ledger_paths, read_ledgers
+from batch.lock import LOCK_NAME, holders
 from batch.manifest import (
     OUTPUT_FORMATS,
     SEED_MAX,
@@ -67,13 +70,27 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
     return value
 
 
@@ -108,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retries", type=_non_negative_int, help="retries per request (default 5)")
     run.add_argument("--max-tasks", type=_positive_int, help="submit at most N tasks this run")
     run.add_argument("--budget", type=_positive_float, help="stop before spending more (USD)")
-    run.add_argument("--grace", type=float, default=60.0, help="seconds to finish after Ctrl-C")
+    run.add_argument(
+        "--grace", type=_non_negative_float, default=60.0, help="seconds to finish after Ctrl-C"
+    )
     run.add_argument(
         "--base-url", help=f"API base URL (env WAVESPEED_BASE_URL; {DEFAULT_BASE_URL})"
     )
@@ -207,10 +226,14 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:1] == ["emulator"]:
+    # The emulator parses its own flags; global ones may come before its name.
+    first = 0
+    while args_list[first : first + 1] == ["--debug"]:
+        first += 1
+    if args_list[first : first + 1] == ["emulator"]:
         from batch import emulator
 
-        return emulator.main(args_list[1:])
+        return emulator.main(args_list[first + 1 :])
     parser = build_parser()
     args = parser.parse_args(args_list)
     args.argv = args_list  # what "run the same command again" means
@@ -310,7 +333,31 @@ def _api_key(args: argparse.Namespace) -> str | None:
         raise UsageError(f"cannot read --api-key-file {args.api_key_file}: {reason}") from None
     if not key:
         raise UsageError(f"--api-key-file {args.api_key_file} is empty")
+    check_api_key(key, f"--api-key-file {args.api_key_file}")
     return key
+
+
+def _check_out_dir(args: argparse.Namespace, out_dir: Path, ledger: str) -> None:
+    """The output folder can be made and written to, checked before any request: found
+    at the first output, it would stop a run with tasks already paid for."""
+    source = f"--out {out_dir}" if args.out is not None else f"output folder {out_dir}"
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise UsageError(f"{source}: a symbolic link to nothing")
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise UsageError(f"{source}: exists and is not a folder")
+        nearest = out_dir
+    else:
+        nearest = next(p for p in out_dir.absolute().parents if p.exists())
+        if not nearest.is_dir():
+            raise UsageError(f"{source}: {nearest} is a file, not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        where = "" if nearest == out_dir else f": cannot create it in {nearest}"
+        raise UsageError(f"{source}: not writable{where}")
+    for name in (ledger, LOCK_NAME):
+        path = out_dir / name
+        if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+            raise UsageError(f"{source}: {name} is not writable")
 
 
 # -- validate ----------------------------------------------------------------
@@ -320,10 +367,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     manifest = _load(args)
     out_dir = _out_dir(args, manifest)
     price = _setting(args, manifest, "price", DEFAULT_PRICE)
+    _check_out_dir(args, out_dir, LEDGER_NAME)
     if args.online:
-        base_url = check_base_url(
-            args.base_url or os.environ.get("WAVESPEED_BASE_URL") or DEFAULT_BASE_URL
-        )
+        base_url = resolve_base_url(args.base_url, "--base-url")
         plan = asyncio.run(
             estimate_manifest_async(
                 manifest,
@@ -451,6 +497,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     gc.freeze()
     out_dir = _out_dir(args, manifest)
     shard = parse_shard(args.shard, args.shards)
+    _check_out_dir(args, out_dir, ledger_name(shard))
     price = _setting(args, manifest, "price", DEFAULT_PRICE)
     settings: dict[str, Any] = {
         "concurrency": _setting(args, manifest, "concurrency", 4),
@@ -459,9 +506,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "retries": _setting(args, manifest, "retries", 5),
         "budget": _setting(args, manifest, "budget", None),
     }
-    base_url = check_base_url(
-        args.base_url or os.environ.get("WAVESPEED_BASE_URL") or DEFAULT_BASE_URL
-    )
+    base_url = resolve_base_url(args.base_url, "--base-url")
     key = _api_key(args)
     quiet = args.quiet
     label = f" (shard {shard[0]}/{shard[1]})" if shard else ""
@@ -651,9 +696,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from batch import models
 
     if args.refresh:
-        base_url = check_base_url(
-            args.base_url or os.environ.get("WAVESPEED_BASE_URL") or DEFAULT_BASE_URL
-        )
+        base_url = resolve_base_url(args.base_url, "--base-url")
         fetched = asyncio.run(fetch_models_async(api_key=_api_key(args), base_url=base_url))
         if not models.parse_catalogue(fetched):
             raise UsageError("the API's model catalogue holds no model with a request schema")
@@ -691,9 +734,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     if not ledger_paths(args.out_dir):
         raise UsageError(f"{args.out_dir} has no ledger: not a wsbatch output folder")
-    base_url = check_base_url(
-        args.base_url or os.environ.get("WAVESPEED_BASE_URL") or DEFAULT_BASE_URL
-    )
+    base_url = resolve_base_url(args.base_url, "--base-url")
     result = asyncio.run(
         audit_async(args.out_dir, api_key=_api_key(args), base_url=base_url, adopt=args.adopt)
     )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batch.errors import UsageError
+from batch.retry import ZERO_BACKOFF_ENV
 
 DEFAULT_PRICE = 0.024
 POLL_FLOOR_ENV = "WSBATCH_POLL_FLOOR"
@@ -44,6 +45,16 @@ def default_poll_floor() -> float:
 def default_settle_delay() -> float:
     """How long after a lost answer the listing is read, from WSBATCH_SETTLE_DELAY."""
     return _env_seconds(SETTLE_DELAY_ENV, DEFAULT_SETTLE_DELAY, zero=True)
+
+
+def check_zero_backoff() -> None:
+    """WSBATCH_ZERO_BACKOFF (a test switch) is unset, 0 or 1: any other value would
+    silently switch backoff off, since the switch reads everything else as on."""
+    text = os.environ.get(ZERO_BACKOFF_ENV, "")
+    if text not in ("", "0", "1"):
+        raise UsageError(
+            f"{ZERO_BACKOFF_ENV}={text!r}: give 1 (no backoff between retries, for tests) or 0"
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -321,6 +321,9 @@ def test_kill_9_at_concurrency_12_never_hides_a_billed_task(
         time.sleep(rng.uniform(0.4, 1.2))
         proc.kill()
         proc.wait()
+        if not (out / "ledger.jsonl").exists():  # killed while starting, on a busy machine
+            assert emulator.stats.submits_accepted == 0
+            continue
         assert_money_recorded(cli, out, emulator)
     final = cli("run", path, "--base-url", emulator.base_url, "--out", out, "--no-progress")
     assert final.code == 0
