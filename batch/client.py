@@ -239,7 +239,7 @@ class Client:
             raise TaskFailed(status, "task completed without outputs", code)
         return prediction
 
-    async def fetch_output(self, value: str, expected_format: str) -> bytes:
+    async def fetch_output(self, value: str, expected_format: str | None) -> bytes:
         return await self.outputs.fetch(value, expected_format)
 
     async def list_predictions(

@@ -40,8 +40,9 @@ class OutputFetcher:
         self.transport = transport
         self.max_bytes = max_bytes
 
-    async def fetch(self, value: str, expected_format: str) -> bytes:
-        """Bytes of one output, checked to be an image of the promised format."""
+    async def fetch(self, value: str, expected_format: str | None) -> bytes:
+        """Bytes of one output, checked to be an image of the promised format (any image
+        format, for a model that chooses its own)."""
         if value.startswith("data:"):
             data = _parse_data_uri(value)
         elif value.startswith(("http://", "https://")):
@@ -51,7 +52,7 @@ class OutputFetcher:
         if len(data) > self.max_bytes:
             raise OutputError("output is over the download size limit", retryable=False)
         found = sniff_image(data[:16])
-        if found != expected_format:
+        if found is None or (expected_format is not None and found != expected_format):
             what = f"a {found} image" if found else "not an image"
             raise OutputError(f"output is {what}, expected {expected_format}")
         return data

@@ -30,10 +30,12 @@ from batch.events import (
     Submitting,
     SubmitUnknown,
 )
+from batch.images import sniff_image
 from batch.ledger import LedgerWriter
 from batch.limits import SubmitLimiter
 from batch.manifest import SEED_MAX, Row
 from batch.metrics import Metrics
+from batch.models import Catalogue, ModelInfo
 from batch.options import RunOptions
 from batch.outputs import output_names, write_atomic
 from batch.polling import PollSchedule, latency_sample
@@ -70,6 +72,7 @@ class Resources:
     guard: SpendGuard
     settler: Settler
     prices: Prices
+    catalogue: Catalogue
     limiter: SubmitLimiter
     uploads: UploadCache
     schedule: PollSchedule
@@ -78,14 +81,26 @@ class Resources:
     options: RunOptions
 
 
-def request_payload(row: Row, image: str, seed: int) -> dict[str, Any]:
-    return {
-        **row.params,
-        "prompt": row.prompt,
-        "image": image,
-        "seed": seed,
-        "output_format": row.output_format,
-    }
+def request_payload(
+    row: Row, image: str, seed: int, model: ModelInfo | None = None
+) -> dict[str, Any]:
+    """What is sent. The model's schema, where known, says where the image goes
+    (``image``, or ``images`` as a list) and whether it takes a seed and a format."""
+    payload: dict[str, Any] = {**row.params, "prompt": row.prompt}
+    if model is not None and model.image_field == "images":
+        payload["images"] = [image]
+    else:
+        payload["image"] = image
+    if takes(model, "seed"):
+        payload["seed"] = seed
+    if takes(model, "output_format"):
+        payload["output_format"] = row.output_format
+    return payload
+
+
+def takes(model: ModelInfo | None, field: str) -> bool:
+    """A model the catalogue does not know is sent what HiDream-E1 takes."""
+    return model is None or field in model.properties
 
 
 def request_fields(row: Row) -> dict[str, Any]:
@@ -116,6 +131,9 @@ class Job:
         self.submitted_mono = time.monotonic() - max(time.time() - self.submitted_wall, 0.0)
         self.resubmits = 0
         self.rate_limited = 0
+        self.model = res.catalogue.get(row.model)
+        # A model without an output_format field answers in its own format.
+        self.format = row.output_format if takes(self.model, "output_format") else None
 
     # -- the row -----------------------------------------------------------
 
@@ -209,7 +227,7 @@ class Job:
                 image = await res.uploads.url_for(
                     row.image_path, row.image, self._retry("upload", res.options.retries)
                 )
-        payload = request_payload(row, image, self.seed)
+        payload = request_payload(row, image, self.seed, self.model)
         return await retrying(
             lambda: self._send(payload),
             what="submit",
@@ -394,10 +412,14 @@ class Job:
 
     async def _finish(self, pid: str, prediction: Prediction, deadline: float) -> None:
         res, row = self.res, self.row
-        names = output_names(row.id, row.output_format, len(prediction.outputs))
+        count = len(prediction.outputs)
+        names: list[str] = []
         digests: list[str] = []
-        for name, value in zip(names, prediction.outputs, strict=True):
+        for n, value in enumerate(prediction.outputs):
             data = await self._fetch(value, deadline)
+            fmt = self.format or sniff_image(data[:16]) or row.output_format
+            name = output_names(row.id, fmt, count)[n]
+            names.append(name)
             try:
                 await write_atomic(res.options.out_dir, name, data)
             except OSError as exc:
@@ -423,7 +445,7 @@ class Job:
         """Bad bytes count against --retries, a flaky network only against the deadline."""
         res = self.res
         return await retrying(
-            lambda: res.client.fetch_output(value, self.row.output_format),
+            lambda: res.client.fetch_output(value, self.format),
             what="download",
             tries=res.options.retries,
             metrics=res.metrics,

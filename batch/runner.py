@@ -38,6 +38,7 @@ from batch.ledger import (
 from batch.limits import SubmitLimiter
 from batch.manifest import Manifest, Row, shard_of
 from batch.metrics import JsonLog
+from batch.models import known as known_models
 from batch.options import RunOptions
 from batch.outputs import existing_files
 from batch.polling import PollSchedule
@@ -232,6 +233,7 @@ class Runner:
                 guard=guard,
                 settler=settler,
                 prices=prices,
+                catalogue=await asyncio.to_thread(known_models),
                 limiter=SubmitLimiter(opts.rate),
                 uploads=UploadCache(self.client, writer, self.state),
                 schedule=PollSchedule(floor=opts.poll_floor),

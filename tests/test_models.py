@@ -52,3 +52,24 @@ def test_a_param_out_of_range_for_a_cached_model_is_refused(cli, write_manifest,
     path = write_manifest(rows, kind="yaml", model="bytedance/seedream-v4/edit")
     result = cli("validate", path)
     assert result.code == 2 and "params.size: must match" in result.err
+
+
+def test_a_multi_image_model_gets_images_as_a_list_and_its_own_price(
+    cli, run, write_manifest, images, emulator, tmp_path
+):
+    """On a model whose schema takes `images`, the upload's URL goes in a list, fields
+    the model does not take are not sent, and the live price is the model's."""
+    assert cli("models", "--refresh", "--base-url", emulator.base_url).code == 0
+    path = write_manifest(simple_rows(images, 2), model="bytedance/seedream-v4/edit")
+    result = run(path)
+    assert result.code == 0, result.err
+    bodies = [p.body for p in emulator.predictions.values()]
+    assert len(bodies) == 2
+    for body in bodies:
+        assert isinstance(body["images"], list) and len(body["images"]) == 1
+        assert "image" not in body and "output_format" not in body
+    assert result.summary["spend_usd"] == 2 * 0.027
+    assert sorted(p.name for p in (tmp_path / "out").glob("row-*")) == [
+        "row-0000.jpg",
+        "row-0001.jpg",
+    ]
