@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("parquet", "webdataset"), required=True)
     export.add_argument("--to", help="a folder or an fsspec URL such as s3://bucket/prefix")
     export.add_argument("--shard-size", type=_positive_int, default=1000, help="rows per file")
+    export.add_argument(
+        "--skip-nsfw", action="store_true", help="leave out the outputs the API flagged NSFW"
+    )
 
     audit = sub.add_parser(
         "audit", help="compare the ledgers with what the account billed; never submits"
@@ -760,7 +763,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if not ledger_paths(args.out_dir):
         raise UsageError(f"{args.out_dir} has no ledger: not a wsbatch output folder")
     write_metadata(args.out_dir)
-    written = export_dataset(args.out_dir, args.format, to=args.to, shard_size=args.shard_size)
+    written = export_dataset(
+        args.out_dir,
+        args.format,
+        to=args.to,
+        shard_size=args.shard_size,
+        skip_nsfw=args.skip_nsfw,
+    )
     print(f"wsbatch: wrote {len(written)} {args.format} file(s):")
     for name in written:
         print(f"  {name}")

@@ -6,11 +6,18 @@ names; nothing is sent anywhere except to the export destination the user chose.
 ``write_metadata`` keeps ``OUT_DIR/metadata.jsonl`` in the convention of the
 Hugging Face ``imagefolder`` loader, so ``load_dataset("imagefolder", data_dir=OUT_DIR)``
 gives one sample per output file. ``export_dataset`` writes the completed
-(original, prompt, edited) pairs as Parquet (``data/train-NNNNN-of-NNNNN.parquet``,
+(input, prompt, edited) pairs as Parquet (``data/train-NNNNN-of-NNNNN.parquet``,
 images as ``{bytes, path}`` structs typed ``Image`` in the embedded ``datasets``
 features) or as WebDataset tar shards (``shard-NNNNNN.tar``), to a folder or any
 fsspec URL. Both are streamed a row group / a sample at a time and are byte-for-byte
 reproducible: the same ledger and files give the same bytes.
+
+All three name their columns as diffusers' InstructPix2Pix training script reads them
+by default: ``input_image``, ``edit_prompt``, ``edited_image``. Inputs are embedded as
+images, never as paths: an export first copies each input once into
+``OUT_DIR/.originals/`` (``batch.originals``; URL inputs are fetched there), which is
+also what lets ``metadata.jsonl`` name them (``input_image_file_name``): imagefolder
+opens only files inside its folder. No file written here holds an absolute path.
 
 pyarrow and fsspec are optional (``pip install 'wsbatch[export]'``) and imported only
 when an export runs; ``write_metadata`` needs neither.
@@ -36,6 +43,7 @@ from batch.errors import BatchError, UsageError
 from batch.files import TEMP_PREFIX, TEMP_SUFFIX, atomic_file, write_atomic_sync
 from batch.images import extension, sniff_image
 from batch.ledger import ledger_paths, read_ledgers
+from batch.originals import Originals
 from batch.state import RowStatus
 
 log = logging.getLogger("wsbatch.export")
@@ -60,32 +68,36 @@ TAR_MTIME = 946_684_800  # 2000-01-01T00:00:00Z; 0 makes GNU tar warn on extract
 TAR_MODE = 0o644
 # Temporary files take batch.outputs' names: hidden, so no loader reads them; the runner
 # sweeps OUT_DIR's at its next start and an export sweeps its destination's.
-# metadata.jsonl keys, in order; the meta fields follow.
+# The scalar columns every dataset file has after the two images and the prompt, in
+# order, with their types; the meta fields follow.
+SCALAR_COLUMNS = (
+    ("row", "string"),
+    ("seed", "int"),
+    ("model", "string"),
+    ("prediction_id", "string"),
+    ("inference_ms", "int"),
+    ("nsfw", "bool"),
+    ("sha256", "string"),
+    ("input_source", "string"),
+)
+# metadata.jsonl keys, in order: imagefolder makes Image columns `input_image` and
+# `edited_image` of the two `*_file_name` keys (datasets >= 3.4).
 METADATA_KEYS = (
-    "file_name",
-    "row",
-    "original_image",
+    "input_image_file_name",
     "edit_prompt",
-    "seed",
-    "model",
-    "prediction_id",
-    "inference_ms",
-    "nsfw",
-    "sha256",
+    "edited_image_file_name",
+    *(name for name, _ in SCALAR_COLUMNS),
 )
-# Parquet columns before the meta fields.
-PARQUET_KEYS = (
-    "original_image",
-    "edit_prompt",
-    "edited_image",
-    "row",
-    "seed",
-    "model",
-    "prediction_id",
-)
+# Parquet columns before the meta fields (and imagefolder's, once loaded).
+PARQUET_KEYS = ("input_image", "edit_prompt", "edited_image", *(n for n, _ in SCALAR_COLUMNS))
+# WebDataset member names: `<key>.<role>.<ext>`, one extension per role in an export.
+INPUT_ROLE = "input"
+EDITED_ROLE = "edited"
 # A meta field never takes one of these names (nor one imagefolder reads as a file path);
-# "image" is the column imagefolder makes of file_name.
-STANDARD_KEYS = frozenset({*METADATA_KEYS, *PARQUET_KEYS, "output_index", "image"})
+# "image", "file_name" and "original_image" are the names of earlier versions.
+STANDARD_KEYS = frozenset(
+    {*METADATA_KEYS, *PARQUET_KEYS, "output_index", "file_name", "image", "original_image"}
+)
 
 # The names from which the imagefolder loader infers splits (datasets' data_files.py).
 _SPLIT_WORD = re.compile(
@@ -112,7 +124,7 @@ class _Pair:
     seed: int | None
     model: str | None
     prediction_id: str | None
-    inference_ms: int | float | None
+    inference_ms: int | None
     nsfw: bool | None
     sha256: str | None
     image: str | None  # the manifest's reference: a path relative to it, or a URL
@@ -171,6 +183,12 @@ def _number_or_none(value: Any) -> int | float | None:
     return value
 
 
+def _milliseconds(value: Any) -> int | None:
+    # One integer column: a fraction of a millisecond says nothing a loader needs.
+    number = _number_or_none(value)
+    return None if number is None else round(number)
+
+
 def _collect(out_dir: Path) -> list[_Pair]:
     """Every completed output file that exists, sorted by file name."""
     paths = ledger_paths(out_dir)
@@ -207,7 +225,7 @@ def _collect(out_dir: Path) -> list[_Pair]:
                     seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
                     model=_str_or_none(event.get("model")) or run_model,
                     prediction_id=_str_or_none(event.get("prediction_id")),
-                    inference_ms=_number_or_none(event.get("inference_ms")),
+                    inference_ms=_milliseconds(event.get("inference_ms")),
                     nsfw=nsfw if isinstance(nsfw, bool) else None,
                     sha256=_str_or_none(_item(event.get("sha256"), index)),
                     image=_str_or_none(event.get("image")),
@@ -291,41 +309,81 @@ def _meta_fields(pair: _Pair, columns: Sequence[_MetaColumn]) -> dict[str, Any]:
 # -- metadata.jsonl --------------------------------------------------------------
 
 
-def _original_reference(pair: _Pair, out_dir: Path) -> str | None:
-    """The input as seen from OUT_DIR: a relative path that resolves, or the URL."""
+def _is_absolute(reference: str) -> bool:
+    # A POSIX or a Windows absolute path (C:\..., \\server\...), or a home reference.
+    return (
+        reference.startswith(("/", "\\", "~"))
+        or re.match(r"[A-Za-z]:[\\/]", reference) is not None
+        or os.path.isabs(reference)
+    )
+
+
+def _input_source(pair: _Pair) -> str | None:
+    """Where the input came from, fit to travel with a dataset: its URL (secrets masked,
+    as in the ledger) or the path the manifest gave; an absolute path is cut to its file
+    name, since this machine's folders mean nothing elsewhere."""
+    if pair.image is not None and (pair.is_url or not _is_absolute(pair.image)):
+        return pair.image.replace("\\", "/") if not pair.is_url else pair.image
+    source = pair.image_path or pair.image
+    return re.split(r"[\\/]", source)[-1] if source else None
+
+
+def _cached_original(pair: _Pair, store: Originals) -> str | None:
+    """The input's copy in OUT_DIR/.originals, if an export put it there."""
+    if not store.exists:
+        return None  # no export yet: do not read every input to find nothing
+    if pair.is_url:
+        return store.cached_url(str(pair.image))
     if pair.image_path is not None:
-        try:
-            rel = os.path.relpath(pair.image_path, os.path.abspath(out_dir))
-        except ValueError:  # another drive (Windows): no relative path exists
-            return pair.image_path
-        return rel.replace(os.sep, "/")
-    return pair.image
+        return store.cached_local(pair.image_path)
+    return None
+
+
+def _scalars(pair: _Pair) -> dict[str, Any]:
+    return {
+        "row": pair.row,
+        "seed": pair.seed,
+        "model": pair.model,
+        "prediction_id": pair.prediction_id,
+        "inference_ms": pair.inference_ms,
+        "nsfw": pair.nsfw,
+        "sha256": pair.sha256,
+        "input_source": _input_source(pair),
+    }
 
 
 def write_metadata(out_dir: Path) -> Path:
     """Rewrite ``OUT_DIR/metadata.jsonl`` from the ledger; return its path.
 
-    One line per completed output file that exists, sorted by ``file_name``:
-    ``file_name`` (relative to OUT_DIR), ``row``, ``original_image`` (the input as a
-    path relative to OUT_DIR, or its URL), ``edit_prompt``, ``seed``, ``model``,
-    ``prediction_id``, ``inference_ms``, ``nsfw`` and ``sha256`` (of this output),
-    then the meta fields. The file is replaced atomically, so a reader (or a
-    training job) never sees half of it.
+    One line per completed output file that exists, sorted by output name:
+    ``input_image_file_name`` (the input's copy under ``.originals/``, null until an
+    export has put it there), ``edit_prompt``, ``edited_image_file_name`` (the output,
+    relative to OUT_DIR), ``row``, ``seed``, ``model``, ``prediction_id``,
+    ``inference_ms``, ``nsfw``, ``sha256`` (of this output), ``input_source`` (the
+    manifest's path or URL, never an absolute path), then the meta fields. The file is
+    replaced atomically, so a reader (or a training job) never sees half of it.
 
-    ``load_dataset("imagefolder", data_dir=OUT_DIR)`` then gives one sample per line.
-    The loader infers splits from file names, so row ids containing a split word
-    between separators (``cat-test-1``, ``train_02``) would split the folder: derived
-    ids never do, explicit ones get a warning naming the ``data_files`` workaround.
+    ``load_dataset("imagefolder", data_dir=OUT_DIR)`` (datasets >= 3.4) then gives one
+    sample per line with Image columns ``input_image`` and ``edited_image``. The loader
+    infers splits from file names, so row ids containing a split word between
+    separators (``cat-test-1``, ``train_02``) would split the folder: derived ids never
+    do, explicit ones get a warning naming the ``data_files`` workaround.
     """
     out_dir = Path(out_dir)
-    pairs = _collect(out_dir)
+    return _write_metadata(out_dir, _collect(out_dir), Originals(out_dir))
+
+
+def _write_metadata(out_dir: Path, pairs: Sequence[_Pair], store: Originals) -> Path:
     columns = _meta_columns(pairs)
     lines = []
     for pair in pairs:
+        cached = _cached_original(pair, store)
         record: dict[str, Any] = {
-            "file_name": pair.file_name,
-            "row": pair.row,
-            **_described(pair, _original_reference(pair, out_dir), columns),
+            "input_image_file_name": store.reference(cached) if cached else None,
+            "edit_prompt": pair.prompt,
+            "edited_image_file_name": pair.file_name,
+            **_scalars(pair),
+            **_meta_fields(pair, columns),
         }
         lines.append(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
     dest = out_dir / METADATA_NAME
@@ -364,55 +422,85 @@ def _import_pyarrow() -> tuple[Any, Any]:
     return pa, pq
 
 
-def _ext(name: str, data: bytes | None) -> str:
-    """A file extension for a sample member: the bytes say it best, the name otherwise."""
-    sniffed = sniff_image(data[:16]) if data else None
-    found = extension(sniffed) if sniffed else None
-    if found is None:
-        found = Path(name).suffix.lower().lstrip(".") or "bin"
-        found = {"jpeg": "jpg", "tif": "tiff"}.get(found, found)
-    return found
+def _ext_of(data: bytes) -> str:
+    sniffed = sniff_image(data[:16])
+    return extension(sniffed) if sniffed else "bin"
 
 
 @dataclass(slots=True)
 class _Loaded:
     pair: _Pair
-    original: bytes | None
+    original: bytes
     edited: bytes
 
 
-def _usable(pairs: Iterable[_Pair]) -> list[_Pair]:
-    """Pairs whose original can be stored: a readable local file, or a URL.
+@dataclass(slots=True)
+class _Job:
+    """What the writers need: where the files are and each pair's input copy."""
 
-    A local input deleted since the run, or a ledger too old to name it, would give
-    an image the loaders cannot decode; such pairs are left out, with a warning.
+    out_dir: Path
+    store: Originals
+    inputs: dict[str, str]  # output file name -> cache name of its input
+    columns: list[_MetaColumn]
+
+
+def _left_out(count: int, why: str, first: str) -> None:
+    log.warning(
+        "wsbatch: warning: %d output(s) left out of the export: %s (first: %s)",
+        count,
+        why,
+        first,
+    )
+
+
+def _gather_inputs(pairs: Sequence[_Pair], store: Originals) -> tuple[list[_Pair], dict[str, str]]:
+    """Copy each local input into the cache and fetch each URL input there (once);
+    return the pairs whose input is there, and their cache names.
+
+    An input that is gone, unknown to the ledger or unreachable would give a pair the
+    loaders cannot decode: such pairs are left out, with a warning naming the first.
     """
-    kept: list[_Pair] = []
-    missing: list[str] = []
+    local: dict[str, str | None] = {}
     for pair in pairs:
-        if pair.is_url or (
-            pair.image_path is not None and _is_regular_file(pair.image_path, follow=True)
-        ):
+        if pair.image_path is not None and pair.image_path not in local:
+            try:
+                local[pair.image_path] = store.add_local(pair.image_path)
+            except OSError:
+                local[pair.image_path] = None
+    failures = store.add_urls(str(p.image) for p in pairs if p.is_url)
+    kept: list[_Pair] = []
+    names: dict[str, str] = {}
+    missing: list[str] = []
+    unreachable: list[str] = []
+    for pair in pairs:
+        name = (
+            store.urls.get(str(pair.image))
+            if pair.is_url
+            else local.get(pair.image_path)
+            if pair.image_path is not None
+            else None
+        )
+        if name is not None:
             kept.append(pair)
+            names[pair.file_name] = name
+        elif pair.is_url:
+            unreachable.append(f"{pair.file_name}: {pair.image}: {failures.get(str(pair.image))}")
         else:
             missing.append(pair.file_name)
     if missing:
-        log.warning(
-            "wsbatch: warning: %d output(s) left out of the export: their input image is gone "
-            "or unknown to the ledger (first: %s)",
-            len(missing),
-            missing[0],
-        )
-    return kept
+        _left_out(len(missing), "their input image is gone or unknown to the ledger", missing[0])
+    if unreachable:
+        _left_out(len(unreachable), "their input URL could not be fetched", unreachable[0])
+    return kept, names
 
 
-def _load(pair: _Pair, out_dir: Path) -> _Loaded:
+def _load(pair: _Pair, job: _Job) -> _Loaded:
     try:
-        edited = (out_dir / pair.file_name).read_bytes()
-        original = None if pair.is_url else Path(str(pair.image_path)).read_bytes()
+        edited = (job.out_dir / pair.file_name).read_bytes()
+        original = job.store.read(job.inputs[pair.file_name])
     except OSError as exc:
         # Checked a moment ago: something is deleting files under the export.
-        raise BatchError(f"cannot read {exc.filename}: {exc.strerror}") from None
+        raise BatchError(f"cannot read {exc.filename or exc}: {exc.strerror or ''}") from None
     return _Loaded(pair, original, edited)
 
 
@@ -495,65 +583,50 @@ _HF_DTYPES = {"bool": "bool", "int": "int64", "float": "float64", "string": "str
 
 def _parquet_schema(pa: Any, columns: Sequence[_MetaColumn]) -> Any:
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    fields = [
-        ("original_image", image),
-        ("edit_prompt", pa.string()),
-        ("edited_image", image),
-        ("row", pa.string()),
-        ("seed", pa.int64()),
-        ("model", pa.string()),
-        ("prediction_id", pa.string()),
-    ]
-    fields += [(c.name, getattr(pa, _ARROW_KINDS[c.kind])()) for c in columns]
+    kinds = [*SCALAR_COLUMNS, *((c.name, c.kind) for c in columns)]
+    fields = [("input_image", image), ("edit_prompt", pa.string()), ("edited_image", image)]
+    fields += [(name, getattr(pa, _ARROW_KINDS[kind])()) for name, kind in kinds]
     # The `datasets` features, as it stores them itself: the struct columns load as
     # Image (decoded to PIL) rather than as plain dicts, with no guessing.
-    features: dict[str, Any] = {}
-    for name, _ in fields:
-        if name in ("original_image", "edited_image"):
-            features[name] = {"_type": "Image"}
-        elif name == "seed":
-            features[name] = {"dtype": "int64", "_type": "Value"}
-        elif name in PARQUET_KEYS:
-            features[name] = {"dtype": "string", "_type": "Value"}
-    for c in columns:
-        features[c.name] = {"dtype": _HF_DTYPES[c.kind], "_type": "Value"}
+    features: dict[str, Any] = {
+        "input_image": {"_type": "Image"},
+        "edit_prompt": {"dtype": "string", "_type": "Value"},
+        "edited_image": {"_type": "Image"},
+    }
+    for name, kind in kinds:
+        features[name] = {"dtype": _HF_DTYPES[kind], "_type": "Value"}
     metadata = {"huggingface": json.dumps({"info": {"features": features}})}
     return pa.schema(fields, metadata=metadata)
 
 
-def _original_path(pair: _Pair) -> str | None:
-    # The manifest's reference (relative, or the URL), not this machine's absolute path.
-    if pair.image is not None:
-        return pair.image
-    return os.path.basename(pair.image_path) if pair.image_path else None
+def _input_name(pair: _Pair, job: _Job) -> str:
+    # The image's `path`: a name, never this machine's folders. The cache name is
+    # unique per content and carries the right extension.
+    return job.inputs[pair.file_name]
 
 
-def _parquet_table(
-    pa: Any, schema: Any, group: Sequence[_Loaded], columns: Sequence[_MetaColumn]
-) -> Any:
+def _parquet_table(pa: Any, schema: Any, group: Sequence[_Loaded], job: _Job) -> Any:
     data: dict[str, list[Any]] = {name: [] for name in schema.names}
     for item in group:
         pair = item.pair
-        data["original_image"].append({"bytes": item.original, "path": _original_path(pair)})
+        data["input_image"].append({"bytes": item.original, "path": _input_name(pair, job)})
         data["edit_prompt"].append(pair.prompt)
         data["edited_image"].append({"bytes": item.edited, "path": pair.file_name})
-        data["row"].append(pair.row)
-        data["seed"].append(pair.seed)
-        data["model"].append(pair.model)
-        data["prediction_id"].append(pair.prediction_id)
-        for name, value in _meta_fields(pair, columns).items():
+        for name, value in _scalars(pair).items():
+            data[name].append(value)
+        for name, value in _meta_fields(pair, job.columns).items():
             data[name].append(value)
     return pa.table(data, schema=schema)
 
 
-def _row_groups(pairs: Sequence[_Pair], out_dir: Path) -> Iterator[list[_Loaded]]:
+def _row_groups(pairs: Sequence[_Pair], job: _Job) -> Iterator[list[_Loaded]]:
     """Read pairs in groups of at most ROW_GROUP_ROWS rows / about ROW_GROUP_BYTES."""
     group: list[_Loaded] = []
     size = 0
     for pair in pairs:
-        item = _load(pair, out_dir)
+        item = _load(pair, job)
         group.append(item)
-        size += len(item.edited) + len(item.original or b"")
+        size += len(item.edited) + len(item.original)
         if len(group) >= ROW_GROUP_ROWS or size >= ROW_GROUP_BYTES:
             yield group
             group, size = [], 0
@@ -562,13 +635,12 @@ def _row_groups(pairs: Sequence[_Pair], out_dir: Path) -> Iterator[list[_Loaded]
 
 
 def _write_parquet(
-    fs: Any, root: str, pairs: Sequence[_Pair], out_dir: Path, shard_size: int
+    fs: Any, root: str, pairs: Sequence[_Pair], job: _Job, shard_size: int
 ) -> list[str]:
     pa, pq = _import_pyarrow()
-    columns = _meta_columns(pairs)
-    schema = _parquet_schema(pa, columns)
+    schema = _parquet_schema(pa, job.columns)
     # Statistics of image bytes are useless and large; keep them for the scalar columns.
-    scalar_columns = [n for n in schema.names if n not in ("original_image", "edited_image")]
+    scalar_columns = [n for n in schema.names if n not in ("input_image", "edited_image")]
     pool = pa.default_memory_pool()
     total = math.ceil(len(pairs) / shard_size)
     written: list[str] = []
@@ -579,8 +651,8 @@ def _write_parquet(
                 fh, schema, compression="snappy", write_statistics=scalar_columns
             )
             try:
-                for group in _row_groups(chunk, out_dir):
-                    table = _parquet_table(pa, schema, group, columns)
+                for group in _row_groups(chunk, job):
+                    table = _parquet_table(pa, schema, group, job)
                     rows = len(group)
                     group.clear()  # the table holds its own copy: drop the file bytes now
                     writer.write_table(table, row_group_size=rows)
@@ -599,12 +671,12 @@ def _write_parquet(
 
 
 def _sample_key(pair: _Pair) -> str:
-    """A unique key without dots: WebDataset splits member names at the first dot.
-
-    Ids never hold '%' and the output index follows the last '-', so the mapping is
-    one-to-one.
-    """
-    return f"{pair.row.replace('%', '%25').replace('.', '%2E')}-{pair.index}"
+    """The output's file name without its extension, with no dot left: WebDataset splits
+    member names at the first dot. ``cat.png`` gives ``cat``, ``cat-2.png`` (the second
+    output of row ``cat``) ``cat-2``, as in OUT_DIR. Names never hold '%', so the
+    mapping is one-to-one."""
+    stem = pair.file_name.rsplit(".", 1)[0]
+    return stem.replace("%", "%25").replace(".", "%2E")
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -617,35 +689,60 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _described(pair: _Pair, original: str | None, columns: Sequence[_MetaColumn]) -> dict[str, Any]:
-    """The fields metadata.jsonl and a WebDataset sample share, in the SPEC's order."""
-    return {
-        "original_image": original,
-        "edit_prompt": pair.prompt,
-        "seed": pair.seed,
-        "model": pair.model,
-        "prediction_id": pair.prediction_id,
-        "inference_ms": pair.inference_ms,
-        "nsfw": pair.nsfw,
-        "sha256": pair.sha256,
-        **_meta_fields(pair, columns),
-    }
-
-
 def _sample_json(pair: _Pair, columns: Sequence[_MetaColumn]) -> bytes:
     record: dict[str, Any] = {
-        "row": pair.row,
-        "output_index": pair.index,
+        "edit_prompt": pair.prompt,
         "file_name": pair.file_name,
-        **_described(pair, _original_path(pair), columns),
+        "output_index": pair.index,
+        **_scalars(pair),
+        **_meta_fields(pair, columns),
     }
     return json.dumps(record, ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
+def _head(path: Path) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(16)
+    except OSError:
+        return b""
+
+
+def _role_extension(extensions: Iterable[str]) -> str | None:
+    """One extension for a role across the export: the one all its images share, or
+    None when they differ (then every image of the role is stored as PNG)."""
+    found = set(extensions)
+    return found.pop() if len(found) == 1 else None
+
+
+def _as_png(data: bytes) -> bytes:
+    """The same pixels, losslessly, as PNG (a JPEG's EXIF orientation is not applied)."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    with Image.open(io.BytesIO(data)) as opened:
+        image: Image.Image = opened
+        image.load()
+        if image.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
+            has_alpha = "A" in image.getbands() or "transparency" in image.info
+            image = image.convert("RGBA" if has_alpha else "RGB")
+        image.save(out, "PNG")
+    return out.getvalue()
+
+
+def _member(data: bytes, ext: str | None) -> tuple[str, bytes]:
+    if ext is not None:
+        return ext, data
+    return "png", data if _ext_of(data) == "png" else _as_png(data)
+
+
 def _write_webdataset(
-    fs: Any, root: str, pairs: Sequence[_Pair], out_dir: Path, shard_size: int
+    fs: Any, root: str, pairs: Sequence[_Pair], job: _Job, shard_size: int
 ) -> list[str]:
-    columns = _meta_columns(pairs)
+    # Loaders (`datasets`' webdataset builder, for one) take the member names of the
+    # first samples for the columns of all: every sample has the same three names.
+    input_ext = _role_extension(job.inputs[p.file_name].rsplit(".", 1)[-1] for p in pairs)
+    edited_ext = _role_extension(_ext_of(_head(job.out_dir / p.file_name)) for p in pairs)
     written: list[str] = []
     for number, chunk in enumerate(_chunks(pairs, shard_size)):
         path = f"{root}/shard-{number:06d}.tar"
@@ -655,15 +752,13 @@ def _write_webdataset(
             tarfile.open(fileobj=fh, mode="w|", format=tarfile.PAX_FORMAT) as tar,
         ):
             for pair in chunk:
-                item = _load(pair, out_dir)
+                item = _load(pair, job)
                 key = _sample_key(pair)
-                # A URL input has no bytes here: its sample has no .original member and
-                # the URL is in the .json.
-                if item.original is not None:
-                    ext = _ext(str(pair.image_path), item.original)
-                    _tar_member(tar, f"{key}.original.{ext}", item.original)
-                _tar_member(tar, f"{key}.edited.{_ext(pair.file_name, item.edited)}", item.edited)
-                _tar_member(tar, f"{key}.json", _sample_json(pair, columns))
+                ext, data = _member(item.original, input_ext)
+                _tar_member(tar, f"{key}.{INPUT_ROLE}.{ext}", data)
+                ext, data = _member(item.edited, edited_ext)
+                _tar_member(tar, f"{key}.{EDITED_ROLE}.{ext}", data)
+                _tar_member(tar, f"{key}.json", _sample_json(pair, job.columns))
         written.append(path)
     _remove_stale(fs, root, _SHARD_NAME, {_strip(fs, p) for p in written})
     return written
@@ -679,23 +774,29 @@ def export_dataset(
     to: str | None = None,
     shard_size: int = 1000,
     storage_options: Mapping[str, Any] | None = None,
+    skip_nsfw: bool = False,
 ) -> list[str]:
     """Write the completed pairs of ``out_dir`` as a dataset; return the files written.
 
     ``fmt`` is ``"parquet"`` (``DEST/data/train-NNNNN-of-NNNNN.parquet``, the Hub's
-    naming: columns ``original_image``, ``edit_prompt``, ``edited_image``, ``row``,
-    ``seed``, ``model``, ``prediction_id`` and the meta fields; images as
-    ``{bytes, path}``) or ``"webdataset"`` (``DEST/shard-NNNNNN.tar`` holding
-    ``<key>.original.<ext>``, ``<key>.edited.<ext>`` and ``<key>.json`` per output).
-    One dataset row per output file, sorted by output name; ``shard_size`` rows per
-    file. ``DEST`` is ``to`` — a folder or an fsspec URL such as ``s3://bucket/prefix``,
-    with ``storage_options`` for its filesystem (credentials, ``client_kwargs``; S3 also
-    honours ``AWS_ENDPOINT_URL``) — or by default ``OUT_DIR/.export/<fmt>``.
+    naming: columns ``input_image``, ``edit_prompt``, ``edited_image`` (images as
+    ``{bytes, path}``), ``row``, ``seed``, ``model``, ``prediction_id``,
+    ``inference_ms``, ``nsfw``, ``sha256``, ``input_source`` and the meta fields) or
+    ``"webdataset"`` (``DEST/shard-NNNNNN.tar`` holding ``<key>.input.<ext>``,
+    ``<key>.edited.<ext>`` and ``<key>.json`` per output, ``<key>`` the output's file
+    name without its extension; one extension per role in the whole export, PNG when
+    the images of a role come in several formats). One dataset row per output file,
+    sorted by output name; ``shard_size`` rows per file. ``DEST`` is ``to`` — a folder
+    or an fsspec URL such as ``s3://bucket/prefix``, with ``storage_options`` for its
+    filesystem (credentials, ``client_kwargs``; S3 also honours ``AWS_ENDPOINT_URL``) —
+    or by default ``OUT_DIR/.export/<fmt>``.
 
-    An input given as a URL is stored as its URL (Parquet: ``path`` set, ``bytes``
-    null; WebDataset: no ``.original`` member); an output whose local input is gone is
-    left out with a warning. Shards of an earlier export that this one does not
-    rewrite are deleted, so the folder holds exactly this dataset.
+    Every input is embedded as image bytes: local inputs are copied, URL inputs fetched
+    (once, then reused), into ``OUT_DIR/.originals/<sha256>.<ext>``, and
+    ``metadata.jsonl`` is rewritten to name those copies. An output whose input is gone
+    or whose URL cannot be fetched is left out with a warning; so, with ``skip_nsfw``,
+    is every output the API flagged NSFW. Shards of an earlier export that this one
+    does not rewrite are deleted, so the folder holds exactly this dataset.
     """
     out_dir = Path(out_dir)
     if fmt not in FORMATS:
@@ -705,11 +806,20 @@ def export_dataset(
     fsspec = _import_fsspec()
     if fmt == "parquet":
         _import_pyarrow()  # fail before any work when it is missing
-    pairs = _usable(_collect(out_dir))
-    if not pairs:
-        raise UsageError(f"{out_dir} has no completed outputs to export")
     if to is not None and not to.strip():
         raise UsageError("--to needs a folder or a URL")
+    everything = _collect(out_dir)
+    pairs = everything
+    if skip_nsfw:
+        pairs = [p for p in everything if p.nsfw is not True]
+        if len(pairs) < len(everything):
+            log.info("wsbatch: %d NSFW-flagged output(s) left out", len(everything) - len(pairs))
+    store = Originals(out_dir)
+    pairs, inputs = _gather_inputs(pairs, store)
+    # The copies are there now: metadata.jsonl can name them for imagefolder.
+    _write_metadata(out_dir, everything, store)
+    if not pairs:
+        raise UsageError(f"{out_dir} has no completed outputs to export")
     dest = to if to is not None else str(out_dir / DEFAULT_EXPORT_DIR / fmt)
     fs, root = fsspec.core.url_to_fs(dest, **dict(storage_options or {}))
     root = str(root).rstrip("/")
@@ -720,5 +830,6 @@ def export_dataset(
             root,
             out_dir,
         )
+    job = _Job(out_dir, store, inputs, _meta_columns(pairs))
     write = _write_parquet if fmt == "parquet" else _write_webdataset
-    return [_public(fs, path) for path in write(fs, root, pairs, out_dir, shard_size)]
+    return [_public(fs, path) for path in write(fs, root, pairs, job, shard_size)]

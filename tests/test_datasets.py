@@ -142,8 +142,9 @@ def test_rerun_of_a_finished_expansion_sends_nothing(batch):
 
 
 def test_imagefolder_loads_one_sample_per_output_with_its_prompt_and_seed(batch, tmp_path):
-    """load_dataset("imagefolder", data_dir=OUT_DIR) gives the 48 outputs with their metadata,
-    even with a report, stray files and default exports inside OUT_DIR."""
+    """load_dataset("imagefolder", data_dir=OUT_DIR) gives the 48 (input_image, edit_prompt,
+    edited_image) pairs as images with their metadata, even with a report, stray files and
+    default exports inside OUT_DIR."""
     (batch.out / "report.html").write_text("<html><img src='x.png'></html>")
     (batch.out / "notes.txt").write_text("not a sample")
     export_dataset(batch.out, "parquet")  # default destinations sit inside OUT_DIR
@@ -152,22 +153,26 @@ def test_imagefolder_loads_one_sample_per_output_with_its_prompt_and_seed(batch,
     assert path == batch.out / METADATA_NAME
 
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert list(lines[0])[:10] == [
-        "file_name",
-        "row",
-        "original_image",
+    assert list(lines[0])[:11] == [
+        "input_image_file_name",
         "edit_prompt",
+        "edited_image_file_name",
+        "row",
         "seed",
         "model",
         "prediction_id",
         "inference_ms",
         "nsfw",
         "sha256",
+        "input_source",
     ]
-    assert [line["file_name"] for line in lines] == sorted(line["file_name"] for line in lines)
+    names = [line["edited_image_file_name"] for line in lines]
+    assert names == sorted(names)
+    assert all(line["input_image_file_name"].startswith(".originals/") for line in lines)
 
     ds = load("imagefolder", tmp_path, data_dir=str(batch.out))
     assert ds.num_rows == N_ROWS
+    assert ds.column_names[:3] == ["input_image", "edit_prompt", "edited_image"]
     completed = batch.completed()
     for sample in ds:
         event = completed[sample["row"]]
@@ -175,9 +180,9 @@ def test_imagefolder_loads_one_sample_per_output_with_its_prompt_and_seed(batch,
         assert sample["seed"] == event["seed"]
         assert sample["source"] == "test"
         assert sample["prediction_id"] == event["prediction_id"]
-        assert pixels(sample["image"]) == pixels(batch.out / event["outputs"][0])
-        # original_image is relative to OUT_DIR and resolves to the input.
-        assert (batch.out / sample["original_image"]).resolve() == Path(event["image_path"])
+        assert sample["input_source"] == event["image"]
+        assert pixels(sample["edited_image"]) == pixels(batch.out / event["outputs"][0])
+        assert pixels(sample["input_image"]) == pixels(Path(event["image_path"]))
 
 
 def test_metadata_is_rewritten_identically_and_atomically(batch):
@@ -206,26 +211,28 @@ def test_parquet_export_loads_as_image_pairs_equal_to_the_files(batch, tmp_path)
 
     ds = load("parquet", tmp_path, data_files=sorted(written))
     assert ds.num_rows == N_ROWS
-    assert isinstance(ds.features["original_image"], datasets.Image)
+    assert isinstance(ds.features["input_image"], datasets.Image)
     assert isinstance(ds.features["edited_image"], datasets.Image)
-    assert ds.column_names[:3] == ["original_image", "edit_prompt", "edited_image"]
+    assert ds.column_names[:3] == ["input_image", "edit_prompt", "edited_image"]
     completed = batch.completed()
     decoded = ds[0]
     event = completed[decoded["row"]]
     assert pixels(decoded["edited_image"]) == pixels(batch.out / event["outputs"][0])
-    assert pixels(decoded["original_image"]) == pixels(Path(event["image_path"]))
+    assert pixels(decoded["input_image"]) == pixels(Path(event["image_path"]))
 
-    raw = ds.cast_column("original_image", datasets.Image(decode=False)).cast_column(
+    raw = ds.cast_column("input_image", datasets.Image(decode=False)).cast_column(
         "edited_image", datasets.Image(decode=False)
     )
     for sample in raw:
         event = completed[sample["row"]]
         assert sample["edited_image"]["bytes"] == (batch.out / event["outputs"][0]).read_bytes()
-        assert sample["original_image"]["bytes"] == Path(event["image_path"]).read_bytes()
-        assert sample["original_image"]["path"] == event["image"]
+        assert sample["input_image"]["bytes"] == Path(event["image_path"]).read_bytes()
+        assert sample["input_source"] == event["image"]
         assert sample["edit_prompt"] == event["prompt"]
         assert (sample["seed"], sample["model"]) == (event["seed"], event["model"])
         assert sample["prediction_id"] == event["prediction_id"]
+        assert (sample["nsfw"], sample["sha256"]) == (event["nsfw"][0], event["sha256"][0])
+        assert sample["inference_ms"] == event["inference_ms"]
         assert sample["source"] == "test"
 
 
@@ -249,7 +256,8 @@ def test_a_smaller_export_replaces_the_shards_of_a_larger_one(batch, tmp_path):
 
 
 def test_webdataset_shards_read_back_with_the_webdataset_library(batch, tmp_path):
-    """The tar shards read back with `webdataset` as 48 (original, edited, json) samples."""
+    """The tar shards read back with `webdataset` as 48 (input, edited, json) samples keyed
+    by output name, mixed jpg/png inputs stored under one member name."""
     wds = pytest.importorskip("webdataset")
     written = export_dataset(batch.out, "webdataset", to=str(tmp_path / "wds"), shard_size=20)
     assert [Path(p).name for p in written] == [f"shard-00000{i}.tar" for i in range(3)]
@@ -259,16 +267,25 @@ def test_webdataset_shards_read_back_with_the_webdataset_library(batch, tmp_path
     assert len({s["__key__"] for s in samples}) == N_ROWS
     for sample in samples:
         assert "." not in sample["__key__"]
+        assert sorted(k for k in sample if not k.startswith("__")) == [
+            "edited.png",
+            "input.png",
+            "json",
+        ]
         meta = json.loads(sample["json"])
         event = completed[meta["row"]]
+        assert f"{sample['__key__']}.png" == event["outputs"][0] == meta["file_name"]
         assert (meta["edit_prompt"], meta["seed"], meta["source"]) == (
             event["prompt"],
             event["seed"],
             "test",
         )
         assert sample["edited.png"] == (batch.out / event["outputs"][0]).read_bytes()
-        ext = "png" if event["image_path"].endswith(".png") else "jpg"
-        assert sample[f"original.{ext}"] == Path(event["image_path"]).read_bytes()
+        # PNG inputs keep their bytes, JPEG ones are re-encoded losslessly as PNG.
+        source = Path(event["image_path"])
+        assert pixels(sample["input.png"]) == pixels(source)
+        if source.suffix == ".png":
+            assert sample["input.png"] == source.read_bytes()
 
 
 def test_exporting_twice_gives_byte_identical_files(batch, tmp_path):
@@ -434,37 +451,33 @@ def test_meta_keys_never_clobber_standard_columns_or_break_loading(tmp_path):
     assert table["meta_seed"] == ["s", None, None] and table["seed"] == [0, 1, 2]
 
 
-def test_url_inputs_keep_their_url_and_vanished_inputs_are_left_out(tmp_path, caplog):
-    """A URL input exports as its URL; an output whose local input is gone is skipped, loudly."""
-    datasets = pytest.importorskip("datasets")
+def test_vanished_inputs_and_escaping_names_are_left_out(tmp_path, caplog):
+    """An output whose local input is gone is skipped, loudly; a ledger naming ../ is ignored."""
     wds = pytest.importorskip("webdataset")
     out = tmp_path / "out"
-    url = "https://example.com/cat.png"
+    source = make_image(tmp_path / "in" / "a.png")
+    common = {"image": "in/a.png", "image_path": str(source)}
     fabricate(
         out,
         [
-            {"row": "by.url", "image": url, "image_path": None},
+            {"row": "by.dot", **common},
             {"row": "gone", "image": "x.png", "image_path": str(tmp_path / "missing.png")},
-            {"row": "evil", "outputs": ["../escape.png"], "image": url, "image_path": None},
+            {"row": "evil", "outputs": ["../escape.png"], **common},
         ],
     )
     make_image(tmp_path / "escape.png")
     with caplog.at_level(logging.WARNING, logger="wsbatch.export"):
         written = export_dataset(out, "parquet", to=str(tmp_path / "pq"))
-    assert "1 output(s) left out" in caplog.text
-    ds = load("parquet", tmp_path, data_files=written)
-    raw = ds.cast_column("original_image", datasets.Image(decode=False))
-    assert raw["row"] == ["by.url"]
-    assert raw[0]["original_image"] == {"bytes": None, "path": url}
+    assert "1 output(s) left out" in caplog.text and "gone.png" in caplog.text
+    assert load("parquet", tmp_path, data_files=written)["row"] == ["by.dot"]
 
     shards = export_dataset(out, "webdataset", to=str(tmp_path / "wds"))
     samples = list(wds.WebDataset(shards, shardshuffle=False, empty_check=False))
-    assert [s["__key__"] for s in samples] == ["by%2Eurl-0"]
-    assert not [k for k in samples[0] if k.startswith("original")]
-    assert json.loads(samples[0]["json"])["original_image"] == url
+    assert [s["__key__"] for s in samples] == ["by%2Edot"]
     # metadata.jsonl lists every existing output (it needs no input bytes), never ../
-    names = [json.loads(x)["file_name"] for x in write_metadata(out).read_text().splitlines()]
-    assert names == ["by.url.png", "gone.png"]
+    lines = [json.loads(x) for x in write_metadata(out).read_text().splitlines()]
+    assert [x["edited_image_file_name"] for x in lines] == ["by.dot.png", "gone.png"]
+    assert lines[1]["input_image_file_name"] is None
 
 
 def test_ids_with_split_words_get_a_warning_and_a_workaround_that_loads(tmp_path, caplog):
@@ -483,7 +496,8 @@ def test_ids_with_split_words_get_a_warning_and_a_workaround_that_loads(tmp_path
 def test_a_parquet_export_into_a_visible_folder_of_out_dir_warns(tmp_path, caplog):
     """--to a visible folder inside OUT_DIR warns that imagefolder would see its splits."""
     out = tmp_path / "out"
-    fabricate(out, [{"row": "a", "image": "https://example.com/a.png"}])
+    source = make_image(tmp_path / "a.png")
+    fabricate(out, [{"row": "a", "image": "a.png", "image_path": str(source)}])
     with caplog.at_level(logging.WARNING, logger="wsbatch.export"):
         export_dataset(out, "parquet", to=str(out / ".hidden" / "pq"))
         assert "inside" not in caplog.text
