@@ -467,6 +467,7 @@ def _gather_inputs(pairs: Sequence[_Pair], store: Originals) -> tuple[list[_Pair
                 local[pair.image_path] = store.add_local(pair.image_path)
             except OSError:
                 local[pair.image_path] = None
+    store.save_local_index()
     failures = store.add_urls(str(p.image) for p in pairs if p.is_url)
     kept: list[_Pair] = []
     names: dict[str, str] = {}

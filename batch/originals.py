@@ -31,6 +31,9 @@ log = logging.getLogger("wsbatch.export")
 
 ORIGINALS_DIR = ".originals"
 URL_INDEX = "urls.json"
+# Local inputs already copied, by path with the size and mtime they had: a run's end
+# (which rewrites metadata.jsonl) finds their copies without reading every input again.
+LOCAL_INDEX = "locals.json"
 FETCH_TIMEOUT = 30.0
 FETCH_WORKERS = 8
 MAX_ORIGINAL_BYTES = 64 * 1024 * 1024
@@ -75,6 +78,32 @@ def _read_index(folder: Path) -> dict[str, str]:
     return {str(k): v for k, v in raw.items() if isinstance(v, str) and "/" not in v}
 
 
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _read_stamps(folder: Path) -> dict[str, tuple[int, int, str]]:
+    try:
+        raw = json.loads((folder / LOCAL_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    found: dict[str, tuple[int, int, str]] = {}
+    for path, entry in raw.items() if isinstance(raw, dict) else ():
+        if (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in entry[:2])
+            and isinstance(entry[2], str)
+            and "/" not in entry[2]
+        ):
+            found[str(path)] = (entry[0], entry[1], entry[2])
+    return found
+
+
 def _fetchable(url: str) -> str:
     """The URL to request: a masked password (``https://***@host``) is dropped rather
     than sent; a masked signature stays, and the server will refuse it."""
@@ -111,6 +140,7 @@ class Originals:
         self.folder = Path(out_dir) / ORIGINALS_DIR
         self._urls = _read_index(self.folder)
         self._local: dict[str, str | None] = {}
+        self._stamps = _read_stamps(self.folder)
 
     @property
     def exists(self) -> bool:
@@ -125,6 +155,12 @@ class Originals:
     def cached_local(self, path: str) -> str | None:
         """The cache name of a local input if its copy is there, reading the input once."""
         if path not in self._local:
+            stamp = _stamp(path)
+            known = self._stamps.get(path)
+            if stamp is not None and known is not None and known[:2] == stamp:
+                name = known[2]
+                self._local[path] = name if (self.folder / name).is_file() else None
+                return self._local[path]
             try:
                 data = Path(path).read_bytes()
             except OSError:
@@ -142,10 +178,20 @@ class Originals:
 
     def add_local(self, path: str) -> str:
         """Copy a local input in (once); return its cache name. OSError if unreadable."""
+        stamp = _stamp(path)
         data = Path(path).read_bytes()
         name = _store(self.folder, data)
         self._local[path] = name
+        if stamp is not None:
+            self._stamps[path] = (*stamp, name)
         return name
+
+    def save_local_index(self) -> None:
+        if not self._stamps:
+            return
+        self.folder.mkdir(exist_ok=True)
+        body = json.dumps({p: list(v) for p, v in sorted(self._stamps.items())})
+        write_atomic_sync(self.folder / LOCAL_INDEX, (body + "\n").encode("utf-8"))
 
     def add_urls(self, urls: Iterable[str]) -> dict[str, str]:
         """Fetch the URLs not cached yet (in parallel); return ``{url: reason}`` for
