@@ -105,7 +105,9 @@ def test_rate_cap_spaces_submissions(run, images, write_manifest, emulator):
     assert run(path, "--rate", "300", "--concurrency", "5").code == 0
     times = sorted(submit_times(emulator))
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert len(times) == 5 and min(gaps) >= 0.15  # 0.2 s apart, less arrival jitter
+    # 0.2 s apart when sent; arrival jitter on a busy machine moves single gaps, not the
+    # span of all five, and a burst would give gaps of about 0.
+    assert len(times) == 5 and times[-1] - times[0] >= 0.75 and min(gaps) >= 0.1
 
 
 def test_server_errors_and_drops_on_poll_and_download_are_retried(run, manifest, emulator):
