@@ -222,7 +222,12 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", help="with --images: a prompt (repeatable)")
     p.add_argument("--seeds", type=_seed_list, help="with --images: seeds, e.g. 1,2,3")
     p.add_argument("--output-format", choices=OUTPUT_FORMATS, help="with --images (default jpeg)")
-    p.add_argument("--model", help="model id (overrides the manifest)")
+    p.add_argument(
+        "--model",
+        action="append",
+        help="model id (overrides the manifest); repeat it to run every row on each model, "
+        "into a subfolder per model",
+    )
     p.add_argument("--retry-failed", action="store_true", help="also redo permanent failures")
     p.add_argument("--price", type=_positive_float, help=f"USD per task (default {DEFAULT_PRICE})")
 
@@ -287,7 +292,7 @@ def _setting(args: argparse.Namespace, manifest: Manifest, name: str, default: A
     return manifest.settings.get(name, default)
 
 
-def _load(args: argparse.Namespace) -> Manifest:
+def _load(args: argparse.Namespace, model: str | None = None) -> Manifest:
     """The manifest file, or the one that --images/--prompt/--seeds stand for."""
     if args.images is not None:
         if args.manifest is not None:
@@ -299,13 +304,13 @@ def _load(args: argparse.Namespace) -> Manifest:
             args.prompt,
             seeds=args.seeds,
             output_format=args.output_format,
-            model=args.model,
+            model=model,
         )
     if args.prompt or args.seeds or args.output_format:
         raise UsageError("--prompt, --seeds and --output-format go with --images")
     if args.manifest is None:
         raise UsageError("give a manifest file, or --images with --prompt")
-    return load_manifest(args.manifest, model=args.model)
+    return load_manifest(args.manifest, model=model)
 
 
 def _out_dir(args: argparse.Namespace, manifest: Manifest) -> Path:
@@ -317,10 +322,12 @@ def _out_dir(args: argparse.Namespace, manifest: Manifest) -> Path:
         images = os.path.normpath(args.images.rstrip("/") or "/")
         prompts = sorted(set(args.prompt or []))
         seeds = sorted(set(args.seeds or []))
-        key = json.dumps([images, prompts, seeds, args.output_format, args.model])
+        key = json.dumps([images, prompts, seeds, args.output_format, _model_key(args)])
         folder = Path("output") / f"images-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
         # Folders named by earlier versions (the flags as typed) keep resuming.
-        typed = json.dumps([args.images, args.prompt, args.seeds, args.output_format, args.model])
+        typed = json.dumps(
+            [args.images, args.prompt, args.seeds, args.output_format, _model_key(args)]
+        )
         older = Path("output") / f"images-{hashlib.sha256(typed.encode()).hexdigest()[:10]}"
         return older if older.is_dir() and not folder.exists() else folder
     return default_out_dir(manifest)
@@ -367,8 +374,18 @@ def _check_out_dir(args: argparse.Namespace, out_dir: Path, ledger: str) -> None
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    manifest = _load(args)
-    out_dir = _out_dir(args, manifest)
+    models = _models(args)
+    root: Path | None = None
+    for model in models:
+        manifest = _load(args, model)
+        if root is None:
+            root = _out_dir(args, manifest)
+        out_dir = root / model_folder(model) if len(models) > 1 and model else root
+        _validate_one(args, manifest, out_dir)
+    return 0
+
+
+def _validate_one(args: argparse.Namespace, manifest: Manifest, out_dir: Path) -> None:
     price = _setting(args, manifest, "price", DEFAULT_PRICE)
     _check_out_dir(args, out_dir, LEDGER_NAME)
     if args.online:
@@ -390,7 +407,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     warning = shortfall(plan)
     if warning:
         print(f"warning: {warning}")
-    return 0
 
 
 # -- run ---------------------------------------------------------------------
@@ -494,11 +510,62 @@ class _ProgressView:
             self._tty = None
 
 
+def _model_key(args: argparse.Namespace) -> str | list[str] | None:
+    """--model as it named folders before it could repeat: one model is a string."""
+    chosen = list(dict.fromkeys(args.model or []))
+    return chosen[0] if len(chosen) == 1 else (sorted(chosen) or None)
+
+
+def _models(args: argparse.Namespace) -> list[str | None]:
+    chosen: list[str] = list(dict.fromkeys(args.model or []))
+    return list(chosen) if chosen else [None]
+
+
+def model_folder(model: str) -> str:
+    """A model's subfolder in a side-by-side run: the id with '/' as '--'."""
+    return model.replace("/", "--")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    manifest = _load(args)
+    models = _models(args)
+    if len(models) == 1:
+        manifest = _load(args, models[0])
+        summary = _run_one(args, manifest, _out_dir(args, manifest), None, "")
+        return summary.exit_code
+    # Side by side: every row on each model, one subfolder and one ledger per model, one
+    # model after another; --budget spans them all.
+    first = _load(args, models[0])
+    root = _out_dir(args, first)
+    summaries = []
+    for n, model in enumerate(models):
+        assert model is not None
+        manifest = first if n == 0 else _load(args, model)
+        summary = _run_one(args, manifest, root / model_folder(model), root, f" [{model}]")
+        summaries.append(summary)
+        if summary.stopped_by is not None or summary.exit_code in (3, 4):
+            break  # a signal, a lock or the account ends the whole comparison
+    return max(s.exit_code for s in summaries)
+
+
+def _spent_beside(root: Path, own: Path) -> float:
+    """What the other model folders of a side-by-side run have committed."""
+    spent = 0.0
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p != own):
+        paths = ledger_paths(folder)
+        if paths:
+            spent += read_ledgers(paths, keep_last=False).spend
+    return spent
+
+
+def _run_one(
+    args: argparse.Namespace,
+    manifest: Manifest,
+    out_dir: Path,
+    root: Path | None,
+    label: str,
+) -> Summary:
     # The rows live until exit: keep full collections from walking them again and again.
     gc.freeze()
-    out_dir = _out_dir(args, manifest)
     shard = parse_shard(args.shard, args.shards)
     _check_out_dir(args, out_dir, ledger_name(shard))
     price = _setting(args, manifest, "price", DEFAULT_PRICE)
@@ -509,10 +576,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "retries": _setting(args, manifest, "retries", 5),
         "budget": _setting(args, manifest, "budget", None),
     }
+    if root is not None and settings["budget"] is not None and root.is_dir():
+        # This folder's share: what the budget leaves after the other models' folders.
+        settings["budget"] = max(settings["budget"] - _spent_beside(root, out_dir), 0.0)
     base_url = resolve_base_url(args.base_url, "--base-url")
     key = _api_key(args)
     quiet = args.quiet
-    label = f" (shard {shard[0]}/{shard[1]})" if shard else ""
+    label += f" (shard {shard[0]}/{shard[1]})" if shard else ""
 
     def show_plan(plan: Estimate) -> None:
         warning = shortfall(plan)
@@ -551,7 +621,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _print_summary(summary, args.argv)
     elif summary.exit_code != 0:
         print(_summary_lines(summary)[0], file=sys.stderr)
-    return summary.exit_code
+    return summary
 
 
 def _fit_open_file_limit(concurrency: int) -> int:
@@ -675,11 +745,33 @@ def status_of(out_dir: Path) -> dict[str, Any]:
     }
 
 
+def model_folders(out_dir: Path) -> list[Path]:
+    """The per-model subfolders of a side-by-side run (each with its own ledger)."""
+    if ledger_paths(out_dir) or not out_dir.is_dir():
+        return []
+    return sorted(p for p in out_dir.iterdir() if p.is_dir() and ledger_paths(p))
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
+    folders = model_folders(args.out_dir)
+    if folders:
+        infos = {folder.name: status_of(folder) for folder in folders}
+        if args.json:
+            total = round(sum(i["spend_usd"] for i in infos.values()), 4)
+            print(json.dumps({"models": infos, "spend_usd": total}, sort_keys=True))
+            return 0
+        for info in infos.values():
+            _print_status(info)
+        return 0
     info = status_of(args.out_dir)
     if args.json:
         print(json.dumps(info, sort_keys=True))
         return 0
+    _print_status(info)
+    return 0
+
+
+def _print_status(info: dict[str, Any]) -> None:
     running = f"running (pid {info['pid']})" if info["running"] else "not running"
     print(
         f"{info['out_dir']}: {running}; {info['rows']} rows: {info['completed']} completed, "
@@ -692,7 +784,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"  {len(info['damaged_lines'])} damaged ledger line(s) "
             f"({', '.join(info['damaged_lines'][:5])}): see `wsbatch repair {info['out_dir']}`"
         )
-    return 0
 
 
 def _cmd_models(args: argparse.Namespace) -> int:

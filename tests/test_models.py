@@ -3,6 +3,8 @@ params checked against them before anything is sent."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import simple_rows
 
 
@@ -73,3 +75,59 @@ def test_a_multi_image_model_gets_images_as_a_list_and_its_own_price(
         "row-0000.jpg",
         "row-0001.jpg",
     ]
+
+
+def test_two_models_side_by_side_bill_each_row_once_per_model_and_resume(
+    cli, images, write_manifest, emulator, tmp_path
+):
+    """`--model A --model B`: 10 rows bill 20 tasks at two prices into one subfolder per
+    model; kill -9 and a rerun pay nothing twice; status shows both."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import subprocess_env, wsbatch_cmd
+
+    assert cli("models", "--refresh", "--base-url", emulator.base_url).code == 0
+    emulator.config.latency = (0.2, 0.5)
+    path = write_manifest(simple_rows(images, 10))
+    out = tmp_path / "cmp"
+    models = ["wavespeed-ai/hidream-e1-full", "bytedance/seedream-v4/edit"]
+    args = ["run", path, "--base-url", emulator.base_url, "--out", out, "--no-progress"]
+    for model in models:
+        args += ["--model", model]
+    proc = subprocess.Popen(wsbatch_cmd(*args), env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = cli(*args)
+    assert again.code == 0, again.err
+    by_model: dict[str, int] = {}
+    for pred in emulator.predictions.values():
+        by_model[pred.model] = by_model.get(pred.model, 0) + 1
+    assert by_model == {models[0]: 10, models[1]: 10}
+    billed = sum(p.price for p in emulator.predictions.values())
+    assert billed == pytest.approx(10 * 0.024 + 10 * 0.027)
+    status = json.loads(cli("status", out, "--json").out)
+    assert set(status["models"]) == {
+        "wavespeed-ai--hidream-e1-full",
+        "bytedance--seedream-v4--edit",
+    }
+    assert all(info["completed"] == 10 for info in status["models"].values())
+    assert status["spend_usd"] == pytest.approx(billed)
+
+
+def test_a_budget_spans_every_model_of_a_side_by_side_run(
+    cli, images, write_manifest, emulator, tmp_path
+):
+    """--budget 0.10 over two models bills at most $0.10 in all, at each model's price."""
+    assert cli("models", "--refresh", "--base-url", emulator.base_url).code == 0
+    path = write_manifest(simple_rows(images, 4))
+    result = cli("run", path, "--base-url", emulator.base_url, "--out", tmp_path / "cmp",
+                 "--no-progress", "--budget", "0.10", "--model", "wavespeed-ai/hidream-e1-full",
+                 "--model", "bytedance/seedream-v4/edit")  # fmt: skip
+    billed = sum(p.price for p in emulator.predictions.values())
+    assert billed <= 0.10 + 1e-9 and result.code == 1
+    assert len(emulator.predictions) == 4  # four at $0.024: the second model gets none
