@@ -140,3 +140,45 @@ def test_a_torn_last_line_is_cut_not_held(run, images, write_manifest, emulator,
     result = run(path)
     assert result.code == 0 and result.summary["held"] == 0
     assert (out / "ledger.jsonl").read_text().endswith("\n")
+
+
+DAMAGES = {
+    "garbled": lambda line: line[: len(line) // 2] + "\n",
+    "outputs-null": lambda line: line.replace('"outputs":[', '"outputs":null,"x":['),
+    "row-number": lambda line: line.replace('"row":"row-0000"', '"row":7'),
+    "event-list": lambda line: line.replace('"event":"completed"', '"event":["completed"]'),
+    "nan-seed": lambda line: line.replace('"seed":', '"seed":NaN,"was":'),
+    "binary": lambda line: "\x00\x01\x02garbage\xff\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGES))
+def test_damaged_ledgers_through_every_command_as_subprocesses(
+    kind, images, write_manifest, emulator, tmp_path
+):
+    """Each kind of damage: status, validate, report and run (real processes) end
+    without a traceback, name the damaged line, and no submit is sent."""
+    from tests.conftest import run_subprocess
+
+    path = write_manifest(simple_rows(images, 2))
+    out = tmp_path / "out"
+    url = emulator.base_url
+    first = run_subprocess("run", path, "--base-url", url, "--out", out, "--no-progress")
+    assert first.returncode == 0, first.stderr
+    n = line_of(out, "completed", "row-0000")
+    compact = [json.dumps(e, separators=(",", ":")) + "\n" for e in read_ledger_lines(out)]
+    compact[n - 1] = DAMAGES[kind](compact[n - 1])
+    (out / "ledger.jsonl").write_text("".join(compact))
+    paid = emulator.stats.submits_accepted
+    for args, codes in (
+        (("status", out), {0}),
+        (("validate", path, "--out", out), {0}),
+        (("report", out), {0}),
+        (("run", path, "--base-url", url, "--out", out, "--no-progress"), {0, 1}),
+    ):
+        result = run_subprocess(*args)
+        assert result.returncode in codes, (args, result.stderr)
+        assert "Traceback" not in result.stderr + result.stdout
+    assert emulator.stats.submits_accepted == paid
+    listed = run_subprocess("repair", out)
+    assert listed.returncode == 1 and f"ledger.jsonl:{n}" in listed.stdout
