@@ -15,8 +15,10 @@ can be mailed.
 Everything from the ledger is user or server text (prompts, error messages, ids,
 paths): the HTML parts go through ``html.escape``, the JSON blob escapes ``<``, ``>``
 and ``&`` so no string can close its script element, and the script only ever sets
-``textContent``. Links are relative paths we build ourselves or http(s) URLs; no
-machine-absolute path is written into the page.
+``textContent``. Links are relative paths to files inside the output folder (outputs,
+thumbnails, inputs kept there) or http(s) URLs; an input outside the folder is shown
+by its thumbnail and its name as the manifest wrote it, so no machine path is written
+into the page.
 """
 
 from __future__ import annotations
@@ -211,6 +213,15 @@ def _prefix(folder: str | Path, report_dir: Path) -> str | None:
     return "" if rel in ("", ".") else rel.rstrip("/") + "/"
 
 
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` lies in ``folder`` (both absolute), by their real locations."""
+    try:
+        real = os.path.realpath(path)
+        return os.path.commonpath([real, folder]) == folder
+    except ValueError:  # another drive on Windows, or a relative path
+        return False
+
+
 def _is_web(ref: str) -> bool:
     # Only web URLs become links: a ledger line must not smuggle in javascript: or data:.
     return ref.lower().startswith(("http://", "https://"))
@@ -229,7 +240,7 @@ def _shown_folder(out_dir: Path) -> str:
         return out_dir.as_posix()
     try:
         rel = os.path.relpath(out_dir, Path.cwd())
-    except ValueError:
+    except (ValueError, OSError):  # another drive; a working folder that was deleted
         return out_dir.name
     return out_dir.name if rel.startswith("..") else Path(rel).as_posix()
 
@@ -308,7 +319,7 @@ def _row_data(
     report_dir = report_dir.resolve()
     out_abs = out_dir.resolve()
     out_prefix = _prefix(out_abs, report_dir)
-    out_str = str(out_abs)
+    out_str = os.path.realpath(out_abs)
     cmds = commands(state, out_dir)
     runs = state.runs
     default_model = next((_text(r.get("model")) for r in reversed(runs) if r.get("model")), "")
@@ -317,7 +328,7 @@ def _row_data(
     causes: dict[Cause, int] = {}
     groups: dict[tuple[str, str], int] = {}
     group_list: list[list[Any]] = []
-    folder_prefix: dict[str, str | None] = {}  # input folder -> its relative link prefix
+    folder_prefix: dict[str, str | None] = {}  # input folder -> its link prefix, if linked
     sources: list[Source] = []
     group_source: list[str | None] = []
     out_records: list[tuple[list[Any], str | None]] = []  # (output entry, key)
@@ -342,9 +353,12 @@ def _row_data(
             href: str | None = None
             key: str | None = None
             if gkey[0] == "p":
+                # The original is linked only from inside the output folder: the page shows
+                # no path outside it, and its thumbnail (in .thumbs/) stands for it.
                 folder, name = os.path.split(image_path)
                 if folder not in folder_prefix:
-                    folder_prefix[folder] = _prefix(folder or ".", report_dir)
+                    inside = _inside(folder, out_str)
+                    folder_prefix[folder] = _prefix(folder, report_dir) if inside else None
                 prefix = folder_prefix[folder]
                 href = None if prefix is None else prefix + quote(name, safe="")
                 key = file_key(image_path)

@@ -96,7 +96,7 @@ align-items:center;justify-content:center;gap:12px;padding:24px}
 #lightbox[hidden]{display:none}
 #lightbox figure{margin:0;display:flex;flex-direction:column;align-items:center;
 max-width:calc(100vw - 160px)}
-#lightbox img{max-width:100%;max-height:calc(100vh - 120px);object-fit:contain;
+#lightbox img{height:calc(100vh - 140px);width:auto;max-width:100%;object-fit:contain;
 background:repeating-conic-gradient(#ddd 0 25%,#fff 0 50%) 0 0/16px 16px;image-rendering:auto}
 #lightbox img.nsfw{filter:blur(24px);cursor:pointer}
 #lightbox figcaption{color:#e5e7eb;margin-top:10px;max-width:900px;white-space:pre-wrap;

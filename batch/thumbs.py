@@ -97,7 +97,7 @@ def ensure_thumbs(
     else:
         count = workers or min(8, (os.cpu_count() or 2) + 1)
         with ThreadPoolExecutor(count, thread_name_prefix="thumbs") as pool:
-            made = list(pool.map(lambda job: _make(folder, *job), jobs, chunksize=64))
+            made = list(pool.map(lambda job: _make(folder, *job), jobs))
     for (key, _), name in zip(jobs, made, strict=True):
         if name is not None:
             have[key] = name

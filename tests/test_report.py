@@ -150,13 +150,8 @@ def test_report_of_a_real_run_groups_rows_by_input_with_thumbnails(
     by_label = {g[0]: n for n, g in enumerate(data["groups"])}
     assert rows["row-0000"]["g"] == rows["row-0004"]["g"] == by_label["images/a.png"]
     assert rows["row-0001"]["g"] == rows["row-0005"]["g"] == by_label["images/b.jpg"]
-    # The original links relatively from the report's folder; its thumbnail is made.
-    assert {g[1] for g in data["groups"]} == {
-        "../images/a.png",
-        "../images/b.jpg",
-        "../images/c.webp",
-        "../images/d.png",
-    }
+    # Each original is shown by its thumbnail; it lies outside the folder, so it is not linked.
+    assert {g[1] for g in data["groups"]} == {None}
     thumbs = {p.name for p in (out / THUMB_DIR).iterdir()}
     assert all(g[2] in thumbs for g in data["groups"])
 
@@ -185,13 +180,35 @@ def test_report_of_a_real_run_groups_rows_by_input_with_thumbnails(
 def test_report_written_elsewhere_links_back_to_the_outputs(
     emulator, images, write_manifest, cli, tmp_path
 ):
-    """A report written outside OUT_DIR links outputs, thumbnails and inputs relative to itself."""
+    """A report written outside OUT_DIR links outputs and thumbnails relative to itself."""
     out = run_batch(emulator, images, write_manifest, cli, tmp_path)
     dest = write_report(out, tmp_path / "reports" / "run.html")
     data = report_data(dest.read_text())
     assert not (out / "report.html").exists()
     assert data["outDir"] == "../out/" and data["thumbDir"] == "../out/.thumbs/"
-    assert "../images/b.jpg" in {g[1] for g in data["groups"]}
+
+
+def test_only_inputs_inside_the_folder_are_linked(tmp_path):
+    """An input inside OUT_DIR links relatively; one outside shows by thumbnail and name only."""
+    out = tmp_path / "out"
+    make_image(out / "inputs" / "in side.png")
+    make_image(tmp_path / "elsewhere" / "far.png")
+    write_ledger(
+        out,
+        [
+            run_event(rows=2),
+            *completed("a", 1, image="inputs/in side.png",
+                       image_path=str(out / "inputs" / "in side.png")),
+            *completed("b", 2, image=str(tmp_path / "elsewhere" / "far.png"),
+                       image_path=str(tmp_path / "elsewhere" / "far.png")),
+        ],
+    )  # fmt: skip
+    page = write_report(out).read_text()
+    groups = {g[0]: g for g in report_data(page)["groups"]}
+    assert groups["inputs/in side.png"][1] == "inputs/in%20side.png"
+    assert groups["far.png"][1] is None  # typed absolute: shown by its name alone
+    assert all(g[2] for g in groups.values())  # both have thumbnails
+    assert str(tmp_path) not in page
 
 
 def test_report_cli_self_contained_embeds_every_thumbnail(
