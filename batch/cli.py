@@ -166,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="write OUT_DIR/report.html from the ledger")
     report.add_argument("out_dir", type=Path)
+    report.add_argument(
+        "--self-contained",
+        action="store_true",
+        help="embed the thumbnails: one file that can be mailed",
+    )
 
     export = sub.add_parser("export", help="write the completed pairs as a dataset")
     export.add_argument("out_dir", type=Path)
@@ -843,7 +848,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from batch.report import write_report
 
-    path = write_report(args.out_dir)
+    path = write_report(args.out_dir, self_contained=args.self_contained)
     print(f"wsbatch: report written to {path}")
     return 0
 

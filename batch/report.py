@@ -1,22 +1,34 @@
-"""A self-contained HTML report of an output folder, built from its ledger alone.
+"""The HTML report of an output folder, built from its ledger alone.
 
-The report is one static file (inline CSS and SVG, no script) that opens straight
-from disk: each row's input next to its outputs, prompts, seeds, timings, NSFW
-flags, failures grouped by cause and a latency histogram. It reads the ledger and
-nothing else: no image is opened and no request is sent, so it is cheap for 10k
-rows and safe to run while a batch is still writing.
+``wsbatch report OUT_DIR`` writes one static page that opens straight from disk
+(file://, no network): run history, totals, failures by cause with the command that
+retries them and a latency histogram at the top, then every row grouped by its input
+image (the original once, its edits beside it), with search, filters, sorting, pages
+and a lightbox. The rows travel as one JSON blob that a small inline script renders,
+one page at a time, so 10,000 rows stay fast.
 
-Everything that comes from the ledger is user or server text (prompts, error
-messages, ids, paths), so every value goes through ``html.escape`` and every link
-is either a relative file path we build ourselves or an http(s) URL.
+Row data comes from the ledger and nothing else (``batch.ledger.read_ledgers``); the
+only files opened are the images the ledger names, to make small thumbnails once
+(``batch.thumbs``). ``self_contained`` embeds those as data: URIs, for a page that
+can be mailed.
+
+Everything from the ledger is user or server text (prompts, error messages, ids,
+paths): the HTML parts go through ``html.escape``, the JSON blob escapes ``<``, ``>``
+and ``&`` so no string can close its script element, and the script only ever sets
+``textContent``. Links are relative paths to files inside the output folder (outputs,
+thumbnails, inputs kept there) or http(s) URLs; an input outside the folder is shown
+by its thumbnail and its name as the manifest wrote it, so no machine path is written
+into the page.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -26,12 +38,12 @@ from urllib.parse import quote
 from batch.errors import UsageError
 from batch.files import write_atomic_sync
 from batch.ledger import ledger_paths, read_ledgers
+from batch.report_assets import CSS, SCRIPT
 from batch.state import LedgerState, RowState, RowStatus, parse_ts
+from batch.thumbs import THUMB_DIR, Source, data_uri, ensure_thumbs, file_key, output_key
 
 REPORT_NAME = "report.html"
-# Failure groups list their rows inline; past this many, a count keeps the page small.
-GROUP_ROW_LIMIT = 50
-# Order of the rows table: what needs attention first.
+# Order of the rows by default: what needs attention first.
 STATUS_ORDER = {"failed": 0, "in flight": 1, "not started": 2, "completed": 3}
 # The report shows a submit in doubt as in flight: the next run settles it either way.
 STATUS_LABELS = {
@@ -42,13 +54,20 @@ STATUS_LABELS = {
     RowStatus.NOT_STARTED: "not started",
 }
 # Typographic marks as escapes: ruff flags the literal characters as look-alikes.
-DASH, MINUS, TIMES = "\u2013", "\u2212", "\u00d7"
+DASH, MINUS, TIMES, ELLIPSIS = "\u2013", "\u2212", "\u00d7", "\u2026"
+# The script may run only if it is ours, byte for byte.
+SCRIPT_HASH = base64.b64encode(hashlib.sha256(SCRIPT.encode("utf-8")).digest()).decode("ascii")
+CSP = (
+    "default-src 'none'; img-src 'self' file: data: blob:; style-src 'unsafe-inline'; "
+    f"script-src 'sha256-{SCRIPT_HASH}'"
+)
 
 
-def write_report(out_dir: Path, dest: Path | None = None) -> Path:
+def write_report(out_dir: Path, dest: Path | None = None, *, self_contained: bool = False) -> Path:
     """Write the HTML report of ``out_dir`` (default ``out_dir/report.html``); return its path.
 
-    Raises ``UsageError`` when ``out_dir`` has no ledger.
+    Thumbnails are made (once) in ``out_dir/.thumbs``; ``self_contained`` embeds them in
+    the page. Raises ``UsageError`` when ``out_dir`` has no ledger.
     """
     paths = ledger_paths(out_dir)
     if not paths:
@@ -56,12 +75,16 @@ def write_report(out_dir: Path, dest: Path | None = None) -> Path:
     state = read_ledgers(paths)
     dest = dest if dest is not None else out_dir / REPORT_NAME
     dest.parent.mkdir(parents=True, exist_ok=True)
-    page = render_report(state, out_dir, dest.parent)
+    page = render_report(state, out_dir, dest.parent, self_contained=self_contained)
     write_atomic_sync(dest, page.encode("utf-8"))
     return dest
 
 
 # -- reading the ledger -------------------------------------------------------
+
+
+# A failure cause: code, message, and whether the next run retries it by itself.
+Cause = tuple[str, str, bool]
 
 
 @dataclass(slots=True)
@@ -79,15 +102,18 @@ class _Totals:
     known: int
     completed: int = 0
     failed: int = 0
+    permanent: int = 0
     in_flight: int = 0
     outputs: int = 0
     nsfw: int = 0
-    causes: Counter[tuple[str, str]] = field(default_factory=Counter)
+    causes: Counter[Cause] = field(default_factory=Counter)
 
 
 def _num(value: Any) -> float | None:
     # bool is an int in Python; a ledger value of true is not a duration.
     if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value):
         return None
     return float(value)
 
@@ -111,8 +137,13 @@ def _rows(state: LedgerState) -> list[_Row]:
     return rows
 
 
-def _cause(row: RowState) -> tuple[str, str]:
-    return _text(row.code) or "no code", row.error or "no message"
+def _cause(row: RowState) -> Cause:
+    return _text(row.code) or "no code", row.error or "no message", bool(row.retryable)
+
+
+def _nsfw_flags(row: RowState) -> list[bool]:
+    flags = row.last.get("nsfw")
+    return [flag is True for flag in flags] if isinstance(flags, list) else []
 
 
 def _totals(state: LedgerState, rows: list[_Row]) -> _Totals:
@@ -126,12 +157,13 @@ def _totals(state: LedgerState, rows: list[_Row]) -> _Totals:
         if item.status == "completed":
             totals.completed += 1
             totals.outputs += len(item.state.outputs)
-            nsfw = item.state.last.get("nsfw")
-            totals.nsfw += sum(1 for flag in nsfw if flag is True) if isinstance(nsfw, list) else 0
+            totals.nsfw += sum(_nsfw_flags(item.state))
         elif item.status == "failed":
             totals.failed += 1
-            totals.causes[_cause(item.state)] += 1
-        else:
+            cause = _cause(item.state)
+            totals.permanent += not cause[2]
+            totals.causes[cause] += 1
+        elif item.status == "in flight":
             totals.in_flight += 1
     return totals
 
@@ -160,40 +192,260 @@ def _percentile(ordered: list[float], q: float) -> float:
     return ordered[min(index, len(ordered) - 1)]
 
 
-def _file_href(path: str, report_dir: Path) -> str:
-    """A link from the report's folder to a local file: relative, so the folder can move."""
+def _relative(path: str | Path, report_dir: Path) -> str | None:
+    """A link from the report's folder to a local file: relative, so the folder can move.
+
+    None where no relative path exists (another drive on Windows): the page never
+    carries a machine-absolute path.
+    """
     try:
         rel = os.path.relpath(path, report_dir)
-    except ValueError:  # another drive on Windows: no relative path exists
-        return Path(path).resolve().as_uri()
+    except ValueError:
+        return None
     return quote(Path(rel).as_posix(), safe="/")
 
 
-def _input_href(row: RowState, report_dir: Path, cache: dict[str, str]) -> str | None:
-    local = row.last.get("image_path")
-    if isinstance(local, str) and local:
-        # relpath per folder, not per file: inputs of a big batch sit in a few folders.
-        folder, name = os.path.split(local)
-        prefix = cache.get(folder)
-        if prefix is None:
-            prefix = _file_href(folder or ".", report_dir)
-            prefix = cache[folder] = "" if prefix == "." else prefix.rstrip("/") + "/"
-        return prefix + quote(name, safe="")
-    ref = row.last.get("image")
+def _prefix(folder: str | Path, report_dir: Path) -> str | None:
+    """The relative link prefix of a folder: "" for the report's own, else ending in /."""
+    rel = _relative(folder, report_dir)
+    if rel is None:
+        return None
+    return "" if rel in ("", ".") else rel.rstrip("/") + "/"
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` lies in ``folder`` (both absolute), by their real locations."""
+    try:
+        real = os.path.realpath(path)
+        return os.path.commonpath([real, folder]) == folder
+    except ValueError:  # another drive on Windows, or a relative path
+        return False
+
+
+def _is_web(ref: str) -> bool:
     # Only web URLs become links: a ledger line must not smuggle in javascript: or data:.
-    if isinstance(ref, str) and ref.lower().startswith(("http://", "https://")):
+    return ref.lower().startswith(("http://", "https://"))
+
+
+def _shown_path(ref: str) -> str:
+    """A path as the page shows it: as typed when relative, its name alone when absolute."""
+    if _is_web(ref):
         return ref
-    return None
+    return Path(ref).name if os.path.isabs(ref) or ref.startswith(("/", "\\")) else ref
 
 
-def _thumb(href: str, alt: str, css: str = "") -> str:
-    cls = f"thumb {css}".strip()
-    h, a = escape(href), escape(alt)
+def _shown_folder(out_dir: Path) -> str:
+    """The output folder as a command line would name it, never machine-absolute."""
+    if not out_dir.is_absolute():
+        return out_dir.as_posix()
+    try:
+        rel = os.path.relpath(out_dir, Path.cwd())
+    except (ValueError, OSError):  # another drive; a working folder that was deleted
+        return out_dir.name
+    return out_dir.name if rel.startswith("..") else Path(rel).as_posix()
+
+
+def _json_for_html(data: Any) -> str:
+    """JSON that is safe inside a <script> element: no string can end it or open a comment."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return (
-        f'<a class="{cls}" href="{h}" target="_blank" rel="noopener" title="{a}">'
-        f'<img src="{h}" alt="{a}" loading="lazy" decoding="async" width="128" height="128">'
-        "</a>"
+        text.replace("&", "\\u0026")
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
     )
+
+
+# -- what to run next -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Commands:
+    """The commands that pick the folder up again, as the user would type them."""
+
+    rerun: str  # retries retryable failures, polls rows in flight, submits the rest
+    retry_failed: str  # also resubmits permanent failures (paid again)
+    note: str = ""  # for --images runs: the flags the ledger does not keep
+
+
+def commands(state: LedgerState, out_dir: Path) -> Commands:
+    """The rerun commands of this folder, from its last run's manifest."""
+    runs = state.runs
+    last = runs[-1] if runs else {}
+    folder = _shown_folder(out_dir)
+    manifest = _text(last.get("manifest"))
+    from_flags = (
+        bool(runs)
+        and not last.get("manifest_path")
+        and (not manifest or Path(manifest).name == "command-line")
+    )
+    quoted = _shell_word(folder)
+    if from_flags or not manifest:
+        base = f"wsbatch run --images {ELLIPSIS} --prompt {ELLIPSIS} --out {quoted}"
+        note = "with the same --images and --prompt as the first run" if from_flags else ""
+        if not runs:
+            note = "with the manifest the folder was run with"
+            base = f"wsbatch run MANIFEST --out {quoted}"
+        return Commands(base, base + " --retry-failed", note)
+    base = f"wsbatch run {_shell_word(_shown_path(manifest))} --out {quoted}"
+    return Commands(base, base + " --retry-failed")
+
+
+def _shell_word(text: str) -> str:
+    safe = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./:=+,@%")
+    if text and all(c in safe for c in text):
+        return text
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def _hint(cause: Cause, cmds: Commands) -> tuple[str, str]:
+    """What a failure needs: (what to do, the exact command)."""
+    if cause[2]:
+        return "retryable: a plain rerun tries these rows again", cmds.rerun
+    return (
+        "permanent: a rerun skips these rows; --retry-failed submits them again (paid again)",
+        cmds.retry_failed,
+    )
+
+
+# -- the rows as data -----------------------------------------------------------
+
+
+def _row_data(
+    state: LedgerState, rows: list[_Row], out_dir: Path, report_dir: Path, self_contained: bool
+) -> dict[str, Any]:
+    """The JSON blob the page renders: rows, their input groups, causes and thumbnails."""
+    report_dir = report_dir.resolve()
+    out_abs = out_dir.resolve()
+    out_prefix = _prefix(out_abs, report_dir)
+    out_str = os.path.realpath(out_abs)
+    cmds = commands(state, out_dir)
+    runs = state.runs
+    default_model = next((_text(r.get("model")) for r in reversed(runs) if r.get("model")), "")
+
+    models: dict[str, int] = {}
+    causes: dict[Cause, int] = {}
+    groups: dict[tuple[str, str], int] = {}
+    group_list: list[list[Any]] = []
+    folder_prefix: dict[str, str | None] = {}  # input folder -> its link prefix, if linked
+    sources: list[Source] = []
+    group_source: list[str | None] = []
+    out_records: list[tuple[list[Any], str | None]] = []  # (output entry, key)
+    records: list[dict[str, Any]] = []
+
+    for item in rows:
+        row, last = item.state, item.state.last
+        rec: dict[str, Any] = {"id": item.id, "st": item.status}
+        raw_path = last.get("image_path")
+        image_path = raw_path if isinstance(raw_path, str) else ""
+        ref = _text(last.get("image"))
+        if image_path:
+            gkey = ("p", image_path)
+        elif ref:
+            gkey = ("u", ref)
+        else:
+            gkey = ("r", item.id)
+        g = groups.get(gkey)
+        if g is None:
+            g = groups[gkey] = len(group_list)
+            label = _shown_path(ref) if ref else (Path(image_path).name if gkey[0] == "p" else "")
+            href: str | None = None
+            key: str | None = None
+            if gkey[0] == "p":
+                # The original is linked only from inside the output folder: the page shows
+                # no path outside it, and its thumbnail (in .thumbs/) stands for it.
+                folder, name = os.path.split(image_path)
+                if folder not in folder_prefix:
+                    inside = _inside(folder, out_str)
+                    folder_prefix[folder] = _prefix(folder, report_dir) if inside else None
+                prefix = folder_prefix[folder]
+                href = None if prefix is None else prefix + quote(name, safe="")
+                key = file_key(image_path)
+                if key is not None:
+                    sources.append(Source(key, image_path))
+            elif gkey[0] == "u" and _is_web(ref):
+                href = ref
+            # [label, link to the original, thumbnail (filled in below), remote?]
+            group_list.append([label, href, None, 1 if gkey[0] == "u" and href else 0])
+            group_source.append(key)
+        rec["g"] = g
+        model = _text(last.get("model")) or default_model
+        if model:
+            rec["m"] = models.setdefault(model, len(models))
+        prompt = last.get("prompt")
+        if isinstance(prompt, str):
+            rec["p"] = prompt
+        if row.seed is not None:
+            rec["seed"] = row.seed
+        if item.latency is not None:
+            rec["lat"] = round(item.latency, 3)
+        if item.inference_s is not None:
+            rec["inf"] = round(item.inference_s, 3)
+        if row.prediction_id:
+            rec["pid"] = row.prediction_id
+        if row.submits > 1:
+            rec["sub"] = row.submits
+        if row.damaged:
+            rec["dmg"] = 1
+        meta = last.get("meta")
+        if isinstance(meta, dict) and meta:
+            rec["meta"] = " ".join(f"{k}={_text(v)}" for k, v in meta.items())
+        if item.status == "failed":
+            rec["c"] = causes.setdefault(_cause(row), len(causes))
+        elif item.status == "in flight" and row.submitted_at:
+            rec["at"] = _when(row.submitted_at)
+        if item.status == "completed" and row.outputs:
+            flags = _nsfw_flags(row)
+            shas = last.get("sha256")
+            shas = shas if isinstance(shas, list) else []
+            outs = []
+            for n, name in enumerate(row.outputs):
+                entry: list[Any] = [name, None, 1 if n < len(flags) and flags[n] else 0]
+                key = output_key(shas[n]) if n < len(shas) else None
+                path = os.path.join(out_str, name)
+                key = key or file_key(path)
+                if key is not None:
+                    sources.append(Source(key, path))
+                out_records.append((entry, key))
+                outs.append(entry)
+            rec["o"] = outs
+        records.append(rec)
+
+    thumbs = ensure_thumbs(out_abs, sources)
+    used: set[str] = set()
+    for entry, key in out_records:
+        if key is not None and key in thumbs:
+            entry[1] = thumbs[key]
+            used.add(thumbs[key])
+    for g, key in enumerate(group_source):
+        if key is not None and key in thumbs:
+            group_list[g][2] = thumbs[key]
+            used.add(thumbs[key])
+
+    data: dict[str, Any] = {
+        "outDir": out_prefix,  # null: outputs cannot be linked from where the report is
+        "thumbDir": None if out_prefix is None else out_prefix + THUMB_DIR + "/",
+        "models": list(models),
+        "groups": group_list,
+        "causes": [
+            {
+                "code": c[0],
+                "msg": c[1],
+                "retryable": c[2],
+                "hint": _hint(c, cmds)[0],
+                "cmd": _hint(c, cmds)[1],
+            }
+            for c in causes
+        ],
+        "rerun": cmds.rerun,
+        "rows": records,
+    }
+    if self_contained:
+        thumb_dir = out_abs / THUMB_DIR
+        embedded = {name: data_uri(thumb_dir, name) for name in sorted(used)}
+        data["embedded"] = {k: v for k, v in embedded.items() if v is not None}
+    return data
 
 
 # -- page sections ------------------------------------------------------------
@@ -212,9 +464,12 @@ def _header(state: LedgerState, out_dir: Path) -> str:
         ),
         default="",
     )
+    manifest = _text(last.get("manifest"))
+    if runs and not last.get("manifest_path") and Path(manifest).name == "command-line":
+        manifest = "command line (--images, --prompt)"
     facts = [
         ("model", model),
-        ("manifest", _text(last.get("manifest")) or DASH),
+        ("manifest", _shown_path(manifest) if manifest else DASH),
         ("API", _text(last.get("base_url")) or DASH),
         ("runs", str(len(runs))),
         ("ledger as of", _when(latest)),
@@ -222,12 +477,15 @@ def _header(state: LedgerState, out_dir: Path) -> str:
     items = "".join(f"<span><b>{escape(k)}</b> {escape(v)}</span>" for k, v in facts)
     notes = []
     if state.corrupt_lines:
-        notes.append(f"{state.corrupt_lines} unreadable ledger line(s) were skipped.")
+        notes.append(
+            f"{state.corrupt_lines} damaged ledger line(s) were skipped; rows they name are "
+            f"held from new submits. See them with: wsbatch repair {_shown_folder(out_dir)}"
+        )
     if state.torn_tail:
         notes.append("The ledger ends in a torn line (a run was killed while writing).")
     warning = "".join(f'<p class="warn">{escape(n)}</p>' for n in notes)
     return (
-        f"<header><h1>wsbatch report <code>{escape(str(out_dir))}</code></h1>"
+        f"<header><h1>wsbatch report <code>{escape(_shown_folder(out_dir))}</code></h1>"
         f'<p class="facts">{items}</p>{warning}</header>'
     )
 
@@ -237,30 +495,137 @@ def _cards(state: LedgerState, totals: _Totals) -> str:
         max(totals.manifest_rows - totals.known, 0) if totals.manifest_rows is not None else None
     )
     cards = [
-        ("rows known", str(totals.known), ""),
-        ("completed", str(totals.completed), "ok"),
-        ("failed", str(totals.failed), "bad" if totals.failed else ""),
-        ("in flight", str(totals.in_flight), "busy" if totals.in_flight else ""),
+        ("rows known", str(totals.known), "", ""),
+        ("completed", str(totals.completed), "ok", "completed"),
+        ("failed", str(totals.failed), "bad" if totals.failed else "", "failed"),
+        ("in flight", str(totals.in_flight), "busy" if totals.in_flight else "", "in flight"),
     ]
     if not_started:
-        cards.append(("not started", str(not_started), ""))
+        cards.append(("not started", str(not_started), "", ""))
     cards += [
-        ("submits", str(state.submits), ""),
+        ("submits", str(state.submits), "", ""),
         (
             "possible duplicates",
             str(state.possible_duplicates),
             "bad" if state.possible_duplicates else "",
+            "",
         ),
-        ("spend", f"${state.spend:,.2f}" if state.spend >= 1 else f"${state.spend:.4f}", ""),
-        ("outputs", str(totals.outputs), ""),
-        ("NSFW flagged", str(totals.nsfw), "bad" if totals.nsfw else ""),
+        ("spend", f"${state.spend:,.2f}" if state.spend >= 1 else f"${state.spend:.4f}", "", ""),
+        ("outputs", str(totals.outputs), "", ""),
+        ("NSFW flagged", str(totals.nsfw), "bad" if totals.nsfw else "", ""),
     ]
     body = "".join(
-        f'<div class="card {css}"><div class="n">{escape(value)}</div>'
-        f'<div class="l">{escape(label)}</div></div>'
-        for label, value, css in cards
+        f'<div class="card {css}"{f" data-status={escape(status, True)!r}" if status else ""}>'
+        f'<div class="n">{escape(value)}</div><div class="l">{escape(label)}</div></div>'
+        for label, value, css, status in cards
     )
     return f'<section class="cards">{body}</section>'
+
+
+def _next_steps(state: LedgerState, totals: _Totals, out_dir: Path) -> str:
+    """What to run next, with the exact command: the first thing a failed night needs."""
+    cmds = commands(state, out_dir)
+    not_started = (
+        max(totals.manifest_rows - totals.known, 0) if totals.manifest_rows is not None else 0
+    )
+    pending = totals.failed - totals.permanent + totals.in_flight + not_started
+    pending += sum(1 for r in state.rows.values() if r.status is RowStatus.NOT_STARTED)
+    steps = []
+    if pending:
+        steps.append(
+            (
+                f"{pending} row(s) retryable, in flight or not started: a plain rerun "
+                "polls, retries and submits them",
+                cmds.rerun,
+            )
+        )
+    if totals.permanent:
+        steps.append(
+            (
+                f"{totals.permanent} row(s) failed permanently: a rerun skips them; "
+                "--retry-failed submits them again (paid again)",
+                cmds.retry_failed,
+            )
+        )
+    if state.corrupt_lines:
+        folder = _shell_word(_shown_folder(out_dir))
+        steps.append(
+            ("damaged ledger lines hold rows from new submits", f"wsbatch repair {folder}")
+        )
+    if not steps:
+        return ""
+    note = f' <span class="muted">({escape(cmds.note)})</span>' if cmds.note else ""
+    items = "".join(
+        f"<li>{escape(text)}{note if cmd.startswith('wsbatch run') else ''}"
+        f"<div><code class=cmd>{escape(cmd)}</code></div></li>"
+        for text, cmd in steps
+    )
+    return f'<section class="next"><h2>Next</h2><ul>{items}</ul></section>'
+
+
+def _runs_section(state: LedgerState) -> str:
+    if not state.runs:
+        return ""
+    finished = {f.get("run_id"): f.get("summary") for f in state.finished if f.get("run_id")}
+    lines = []
+    for run in reversed(state.runs):  # newest first
+        summary = finished.get(run.get("run_id"))
+        if isinstance(summary, dict):
+            outcome = (
+                f"{_text(summary.get('completed'))} completed, {_text(summary.get('failed'))} "
+                f"failed, {_text(summary.get('submitted'))} submits, "
+                f"{_seconds(_num(summary.get('elapsed_s')))}, "
+                f"exit {_text(summary.get('exit_code'))}"
+            )
+        else:
+            outcome = "no summary (killed, or still running)"
+        cells = [
+            _when(run.get("ts")),
+            _text(run.get("run_id")),
+            _text(run.get("version")),
+            _text(run.get("shard")) or DASH,
+            _text(run.get("rows")),
+            _text(run.get("concurrency")),
+            outcome,
+        ]
+        lines.append("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>")
+    shown, hidden = lines[:5], lines[5:]
+    more = (
+        f'<details><summary>{len(hidden)} earlier run(s)</summary><table class="runs">'
+        f"<tbody>{''.join(hidden)}</tbody></table></details>"
+        if hidden
+        else ""
+    )
+    return (
+        f"<section><h2>Runs ({len(lines)}, newest first)</h2><table class='runs'><thead><tr>"
+        "<th>started</th><th>run</th><th>version</th><th>shard</th><th>rows</th>"
+        "<th>concurrency</th><th>outcome</th></tr></thead>"
+        f"<tbody>{''.join(shown)}</tbody></table>{more}</section>"
+    )
+
+
+def _failures_section(totals: _Totals, cause_index: dict[Cause, int], cmds: Commands) -> str:
+    if not totals.causes:
+        return ""
+    groups = []
+    for cause, count in totals.causes.most_common():
+        code, message, _ = cause
+        what, cmd = _hint(cause, cmds)
+        groups.append(
+            f'<li class="cause"><span class="count">{count}{TIMES}</span> '
+            f'<code class="code">{escape(code)}</code> '
+            f'<span class="err">{escape(message)}</span>'
+            f'<div class="hint">{escape(what)}: <code class=cmd>{escape(cmd)}</code></div>'
+            f'<button type="button" class="show" data-cause="{cause_index[cause]}">'
+            "show these rows</button></li>"
+        )
+    return (
+        f"<section><h2>Failures by cause ({totals.failed})</h2>"
+        f'<ul class="causes">{"".join(groups)}</ul></section>'
+    )
+
+
+# -- latency histogram ----------------------------------------------------------
 
 
 def _nice_step(raw: float) -> float:
@@ -374,243 +739,74 @@ def _latency_section(rows: list[_Row]) -> str:
             f"<div><dt>{escape(k)}</dt><dd>{escape(v)}</dd></div>" for k, v in pairs
         )
         stats += "</dl>"
-    return f"<section><h2>Latency</h2>{stats}{_histogram(latencies)}</section>"
-
-
-def _row_links(ids: Iterable[str]) -> str:
-    return ", ".join(f'<a href="#row-{escape(i)}">{escape(i)}</a>' for i in ids)
-
-
-def _failures_section(rows: list[_Row], totals: _Totals) -> str:
-    if not totals.causes:
-        return ""
-    members: dict[tuple[str, str], list[str]] = {}
-    for item in rows:
-        if item.status == "failed":
-            members.setdefault(_cause(item.state), []).append(item.id)
-    groups = []
-    for (code, message), count in totals.causes.most_common():
-        ids = members[(code, message)]
-        shown = _row_links(ids[:GROUP_ROW_LIMIT])
-        more = len(ids) - GROUP_ROW_LIMIT
-        if more > 0:
-            shown += f" <span class=muted>and {more} more</span>"
-        groups.append(
-            f'<li class="group"><span class="count">{count}{TIMES}</span> '
-            f'<code class="code">{escape(code)}</code> '
-            f'<span class="err">{escape(message)}</span>'
-            f'<div class="members">{shown}</div></li>'
-        )
     return (
-        f"<section><h2>Failures by cause ({totals.failed})</h2>"
-        f'<ul class="groups">{"".join(groups)}</ul></section>'
+        f'<section><details class="latency" open><summary><h2>Latency</h2></summary>{stats}'
+        f"{_histogram(latencies)}</details></section>"
     )
 
 
-def _row_html(item: _Row, out_prefix: str, report_dir: Path, hrefs: dict[str, str]) -> str:
-    row, last = item.state, item.state.last
-    rid = escape(item.id)
-    status_cls = item.status.replace(" ", "-")
-    status = f'<span class="pill {status_cls}">{escape(item.status)}</span>'
-    if item.status == "failed":
-        status += (
-            f'<div class="small">{"retryable" if row.retryable else "permanent"}</div>'
-            if row.retryable is not None
-            else ""
-        )
-
-    href = _input_href(row, report_dir, hrefs)
-    ref = _text(last.get("image"))
-    if href is not None:
-        images = _thumb(href, f"input {ref or item.id}")
-    else:
-        images = '<span class="nothumb">input not in ledger</span>'
-    images += '<span class="arrow">→</span>'
-    flags_raw = last.get("nsfw")
-    nsfw: list[Any] = flags_raw if isinstance(flags_raw, list) else []
-    outputs = row.outputs if item.status == "completed" else []
-    for n, name in enumerate(outputs):
-        flagged = n < len(nsfw) and nsfw[n] is True
-        images += _thumb(out_prefix + quote(name, safe=""), name, "nsfw" if flagged else "")
-    if not outputs:
-        images += '<span class="nothumb">no output</span>'
-
-    if item.status == "failed":
-        text = (
-            f'<div class="err"><code class="code">{escape(_text(row.code) or "no code")}</code> '
-            f"{escape(row.error or 'no message')}</div>"
-        )
-    elif item.status == "in flight":
-        text = f'<div class="muted">submitted {escape(_when(row.submitted_at))}</div>'
-    else:
-        text = ""
-    prompt = last.get("prompt")
-    if isinstance(prompt, str):
-        text = f'<div class="prompt">{escape(prompt)}</div>' + text
-    meta = last.get("meta")
-    if isinstance(meta, dict) and meta:
-        pairs = " ".join(f"{escape(str(k))}={escape(_text(v))}" for k, v in meta.items())
-        text += f'<div class="small">{pairs}</div>'
-    if ref and href is None:
-        text += f'<div class="small">input: {escape(ref)}</div>'
-
-    flags = [f"#{n + 1}" for n, flag in enumerate(nsfw) if flag is True]
-    nsfw_cell = (
-        f'<span class="pill failed">NSFW {escape(" ".join(flags))}</span>'
-        if flags
-        else ("no" if nsfw else DASH)
-    )
-    timings = f"<div>latency {escape(_seconds(item.latency))}</div>"
-    if item.inference_s is not None:
-        timings += f'<div class="small">inference {escape(_seconds(item.inference_s))}</div>'
-    if row.submits > 1:
-        timings += f'<div class="small">{row.submits} submits</div>'
-    pid = escape(_text(row.prediction_id)) or DASH
-    seed = escape(_text(row.seed)) or DASH
-    return (
-        f'<tr id="row-{rid}" class="{status_cls}"><td>{status}</td>'
-        f'<td class="id"><a href="#row-{rid}">{rid}</a><div class="pid">{pid}</div></td>'
-        f'<td class="imgs">{images}</td><td class="text">{text}</td>'
-        f'<td class="num">{seed}</td><td class="num">{timings}</td><td>{nsfw_cell}</td></tr>'
-    )
-
-
-def _rows_section(rows: list[_Row], out_dir: Path, report_dir: Path) -> str:
-    # Outputs sit in out_dir; from the default report location the prefix is empty.
-    # Resolved once: realpath costs system calls, and 10k rows share one report folder.
-    report_dir = report_dir.resolve()
-    prefix = _file_href(str(out_dir.resolve()), report_dir)
-    prefix = "" if prefix in ("", ".") else prefix.rstrip("/") + "/"
-    hrefs: dict[str, str] = {}  # input folder -> its relative link prefix
-    body = [_row_html(item, prefix, report_dir, hrefs) for item in rows]
-    if not body:
-        return "<section><h2>Rows</h2><p class=muted>No row events in the ledger yet.</p></section>"
-    return (
-        f"<section><h2>Rows ({len(rows)})</h2><table class='rows'><thead><tr>"
-        "<th>status</th><th>row / prediction</th><th>input → output</th><th>prompt</th>"
-        "<th>seed</th><th>timings</th><th>NSFW</th></tr></thead>"
-        f"<tbody>{''.join(body)}</tbody></table></section>"
-    )
-
-
-def _runs_section(state: LedgerState) -> str:
-    if not state.runs:
-        return ""
-    finished = {f.get("run_id"): f.get("summary") for f in state.finished if f.get("run_id")}
-    lines = []
-    for run in state.runs:
-        summary = finished.get(run.get("run_id"))
-        if isinstance(summary, dict):
-            outcome = (
-                f"{_text(summary.get('completed'))} completed, {_text(summary.get('failed'))} "
-                f"failed, {_text(summary.get('submitted'))} submits, "
-                f"{_seconds(_num(summary.get('elapsed_s')))}, "
-                f"exit {_text(summary.get('exit_code'))}"
-            )
-        else:
-            outcome = "no summary (killed, or still running)"
-        cells = [
-            _when(run.get("ts")),
-            _text(run.get("run_id")),
-            _text(run.get("version")),
-            _text(run.get("rows")),
-            _text(run.get("concurrency")),
-            outcome,
-        ]
-        lines.append("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>")
-    return (
-        "<section><h2>Runs</h2><table class='runs'><thead><tr><th>started</th><th>run</th>"
-        "<th>version</th><th>rows</th><th>concurrency</th><th>outcome</th></tr></thead>"
-        f"<tbody>{''.join(lines)}</tbody></table></section>"
-    )
-
-
-CSS = """
-:root{--fg:#1d2330;--muted:#6b7280;--line:#e5e7eb;--bg:#f6f7f9;--card:#fff;
---ok:#15803d;--bad:#b91c1c;--busy:#b45309;--accent:#2563eb}
-*{box-sizing:border-box}
-body{margin:0;padding:24px 32px;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,
-sans-serif;color:var(--fg);background:var(--bg)}
-h1{font-size:22px;margin:0 0 6px}h1 code{font-size:18px;color:var(--accent)}
-h2{font-size:16px;margin:28px 0 10px}
-code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
-a{color:var(--accent);text-decoration:none}a:hover{text-decoration:underline}
-.facts{margin:0;display:flex;flex-wrap:wrap;gap:4px 18px;color:var(--muted)}
-.facts b{color:var(--fg);font-weight:600}
-.warn{background:#fef3c7;border:1px solid #f59e0b;padding:6px 10px;border-radius:6px}
-.muted{color:var(--muted)}.small{font-size:12px;color:var(--muted)}
-.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(120px,1fr));gap:10px;
-margin-top:18px}
-.card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:10px 12px}
-.card .n{font-size:22px;font-weight:650}.card .l{color:var(--muted);font-size:12px}
-.card.ok .n{color:var(--ok)}.card.bad .n{color:var(--bad)}.card.busy .n{color:var(--busy)}
-section>svg.hist,.groups,table{background:var(--card);border:1px solid var(--line);
-border-radius:8px}
-svg.hist{display:block;max-width:100%;height:auto}
-.hist .bar{fill:var(--accent);opacity:.85}.hist .bar:hover{opacity:1}
-.hist .grid{stroke:var(--line)}.hist .axis{stroke:var(--muted)}
-.hist .median{stroke:var(--bad);stroke-dasharray:4 3}
-.hist text{font-size:11px;fill:var(--muted)}.hist .ytick{text-anchor:end}
-.hist .xtick,.hist .atitle{text-anchor:middle}.hist .atitle{fill:var(--fg);font-size:12px}
-.hist .mlabel{fill:var(--bad);paint-order:stroke;stroke:#fff;stroke-width:3px}
-.stats{display:flex;flex-wrap:wrap;gap:6px 22px;margin:0 0 10px}
-.stats div{display:flex;gap:6px}.stats dt{color:var(--muted)}.stats dd{margin:0;font-weight:600}
-.groups{list-style:none;margin:0;padding:0}
-.group{padding:10px 14px;border-top:1px solid var(--line)}.group:first-child{border-top:0}
-.group .count{font-weight:700;color:var(--bad)}.members{font-size:12px;margin-top:4px}
-.code{background:#fee2e2;color:var(--bad);padding:1px 6px;border-radius:4px;font-size:12px}
-.err{color:var(--bad);overflow-wrap:anywhere}
-table{border-collapse:separate;border-spacing:0;width:100%}
-th,td{text-align:left;vertical-align:top;padding:8px 10px;border-top:1px solid var(--line)}
-thead th{position:sticky;top:0;background:#eef0f4;border-top:0;font-size:12px;
-color:var(--muted);font-weight:600;z-index:1}
-tr.failed td{background:#fff7f7}
-td.id{font-weight:600;overflow-wrap:anywhere;min-width:120px;max-width:200px}
-.pid{font:11px ui-monospace,monospace;color:var(--muted);font-weight:400}
-td.imgs{white-space:nowrap}
-.thumb{display:inline-block;width:128px;height:128px;border:1px solid var(--line);
-border-radius:6px;overflow:hidden;vertical-align:middle;margin-right:6px;
-background:repeating-conic-gradient(#f1f2f4 0 25%,#fff 0 50%) 0 0/16px 16px}
-.thumb img{width:100%;height:100%;object-fit:contain;display:block}
-.thumb.nsfw img{filter:blur(10px)}.thumb.nsfw:hover img{filter:none}
-.thumb.nsfw{outline:2px solid var(--bad)}
-.arrow{color:var(--muted);margin:0 8px 0 2px;vertical-align:middle}
-.nothumb{display:inline-flex;width:128px;height:128px;align-items:center;justify-content:center;
-border:1px dashed var(--line);border-radius:6px;color:var(--muted);font-size:12px;
-vertical-align:middle;text-align:center;padding:8px;white-space:normal}
-td.text{min-width:220px;max-width:460px}
-.prompt{white-space:pre-wrap;overflow-wrap:anywhere;max-height:9em;overflow:auto}
-td.num{font-variant-numeric:tabular-nums;white-space:nowrap}
-.pill{display:inline-block;padding:1px 8px;border-radius:999px;font-size:12px;font-weight:600;
-white-space:nowrap}
-.pill.completed{background:#dcfce7;color:var(--ok)}.pill.failed{background:#fee2e2;
-color:var(--bad)}.pill.in-flight{background:#fef3c7;color:var(--busy)}
-table.runs td{font-size:13px}
-footer{margin-top:24px;color:var(--muted);font-size:12px}
+BROWSER = """
+<section id="rows"><h2>Rows by input image</h2>
+<div class="controls">
+<input id="q" type="search" placeholder="search prompt, file name or row id" autocomplete="off">
+<select id="f-status" aria-label="status"><option value="">any status</option>
+<option value="failed">failed</option><option value="in flight">in flight</option>
+<option value="not started">not started</option><option value="completed">completed</option>
+</select>
+<select id="f-model" aria-label="model"><option value="">any model</option></select>
+<select id="f-nsfw" aria-label="NSFW"><option value="">NSFW or not</option>
+<option value="1">NSFW flagged</option><option value="0">not flagged</option></select>
+<select id="f-cause" aria-label="failure cause"><option value="">any failure cause</option>
+</select>
+<select id="sort" aria-label="sort"><option value="attention">failed first</option>
+<option value="name">input name</option><option value="id">row id</option>
+<option value="slow">slowest first</option><option value="fast">fastest first</option>
+</select>
+<button type="button" id="reset">reset</button>
+</div>
+<div class="pager" id="pager-top"></div>
+<div id="groups"><p class="muted">The rows need JavaScript to show.</p></div>
+<div class="pager" id="pager-bottom"></div>
+</section>
+<div id="lightbox" hidden><button type="button" class="lb-close" aria-label="close">\u00d7</button>
+<button type="button" class="lb-prev" aria-label="previous">\u2039</button>
+<figure><img alt=""><figcaption></figcaption></figure>
+<button type="button" class="lb-next" aria-label="next">\u203a</button></div>
 """
 
 
-def render_report(state: LedgerState, out_dir: Path, report_dir: Path) -> str:
+def render_report(
+    state: LedgerState, out_dir: Path, report_dir: Path, *, self_contained: bool = False
+) -> str:
     """The report page for a ledger state; links are relative to ``report_dir``."""
     rows = _rows(state)
     totals = _totals(state, rows)
+    data = _row_data(state, rows, out_dir, report_dir, self_contained)
+    cause_index = {(c["code"], c["msg"], c["retryable"]): n for n, c in enumerate(data["causes"])}
     models = [_text(r.get("model")) for r in state.runs if r.get("model")]
     title = f"wsbatch · {out_dir.resolve().name} · {models[-1] if models else 'report'}"
+    footer = (
+        "thumbnails are embedded: this file travels alone"
+        if self_contained
+        else f"thumbnails in {THUMB_DIR}/ beside the outputs"
+    )
     return "".join(
         [
             '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-            # No script runs and nothing but images loads: the page is inert by construction.
-            '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
-            "img-src * data: blob: file:; style-src 'unsafe-inline'\">",
+            # Only our own script runs, and nothing but images loads.
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
             f"<title>{escape(title)}</title><style>{CSS}</style></head><body>",
             _header(state, out_dir),
             _cards(state, totals),
-            _latency_section(rows),
-            _failures_section(rows, totals),
-            _rows_section(rows, out_dir, report_dir),
+            _next_steps(state, totals, out_dir),
             _runs_section(state),
-            "<footer>Written by wsbatch from the ledger alone; images are linked, not copied."
-            "</footer></body></html>\n",
+            _failures_section(totals, cause_index, commands(state, out_dir)),
+            _latency_section(rows),
+            BROWSER,
+            f"<footer>Written by wsbatch from the ledger alone; {escape(footer)}; full-size "
+            "images are linked relative to this page.</footer>",
+            f'<script id="wsbatch-data" type="application/json">{_json_for_html(data)}</script>',
+            f"<script>{SCRIPT}</script></body></html>\n",
         ]
     )

@@ -30,7 +30,7 @@ from batch.ledger import ledger_paths  # noqa: E402
 from batch.report import write_report  # noqa: E402
 
 WIDTH = 1280
-# A full page of 10k rows would be a useless PNG; the top of the report says it all.
+# The report shows one page of rows at a time; past this the PNG is cut.
 MAX_HEIGHT = 2400
 
 CHROME_FLAGS = (
@@ -65,6 +65,11 @@ def screenshot(report: Path, png: Path, full_page: bool) -> None:
         browser = chrome(Path(profile))
         try:
             browser.get(report.resolve().as_uri())
+            ready = time.monotonic() + 10  # the script renders the first page of rows
+            while time.monotonic() < ready and not browser.execute_script(
+                "return document.body.getAttribute('data-ready') === '1'"
+            ):
+                time.sleep(0.05)
             height = int(browser.execute_script("return document.documentElement.scrollHeight"))
             height = min(height, MAX_HEIGHT) if full_page else 900
             # An exact viewport: every lazy thumbnail in it loads, and the PNG is WIDTH wide.
@@ -74,7 +79,7 @@ def screenshot(report: Path, png: Path, full_page: bool) -> None:
             )
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and not browser.execute_script(
-                "return [...document.images].every(i => i.complete)"
+                "return [...document.querySelectorAll('#groups img')].every(i => i.complete)"
                 " && document.readyState === 'complete'"
             ):
                 time.sleep(0.05)
