@@ -418,122 +418,115 @@ class DamagedLine(ValueError):
     """A line of a known event whose fields are missing or of the wrong type."""
 
 
-def _is_str(v: Any) -> bool:
-    return isinstance(v, str)
+# A field's check: the exact Python types its JSON value may have (bool is not an int
+# here), and a further test where the type alone does not say enough.
+_Check = tuple[frozenset[type], Callable[[Any], bool] | None]
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _finite(v: Any) -> bool:
+    return math.isfinite(v)
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+def _amount(v: Any) -> bool:
+    return math.isfinite(v) and v >= 0
 
 
-def _is_amount(v: Any) -> bool:
-    return _is_num(v) and v >= 0
+def _all_str(v: Any) -> bool:
+    return all(type(x) is str for x in v)
 
 
-def _is_bool(v: Any) -> bool:
-    return isinstance(v, bool)
+def _all_bool(v: Any) -> bool:
+    return all(type(x) is bool for x in v)
 
 
-def _is_strs(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+_STR: _Check = (frozenset({str}), None)
+_INT: _Check = (frozenset({int}), None)
+_AMOUNT: _Check = (frozenset({int, float}), _amount)
+_BOOL: _Check = (frozenset({bool}), None)
+_STRS: _Check = (frozenset({list}), _all_str)
+_BOOLS: _Check = (frozenset({list}), _all_bool)
+_CODE: _Check = (frozenset({int, str}), None)
+_DICT: _Check = (frozenset({dict}), None)
 
-
-def _is_bools(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, bool) for x in v)
-
-
-def _is_code(v: Any) -> bool:
-    return _is_int(v) or isinstance(v, str)
-
-
-def _is_dict(v: Any) -> bool:
-    return isinstance(v, dict)
-
-
-_Check = Callable[[Any], bool]
 _REQUEST: dict[str, _Check] = {
-    "fingerprint": _is_str,
-    "model": _is_str,
-    "prompt": _is_str,
-    "image": _is_str,
-    "image_path": _is_str,
+    "fingerprint": _STR,
+    "model": _STR,
+    "prompt": _STR,
+    "image": _STR,
+    "image_path": _STR,
 }
-# Per known event: fields it must have, and the type of every field it may have (null is
+# Per known event: fields it must have, and the check of every field it may have (null is
 # allowed for the optional ones). A line that breaks these is damage, never a fact.
 _SHAPES: dict[str, tuple[frozenset[str], dict[str, _Check]]] = {
     "uploaded": (
         frozenset({"sha256", "download_url"}),
-        {"sha256": _is_str, "download_url": _is_str, "file": _is_str, "base_url": _is_str},
+        {"sha256": _STR, "download_url": _STR, "file": _STR, "base_url": _STR},
     ),
     "submitting": (
         frozenset({"row", "intent"}),
         {
-            "row": _is_str,
-            "intent": _is_str,
-            "seed": _is_int,
-            "price": _is_amount,
-            "fingerprint": _is_str,
-            "request_sha": _is_str,
-            "request_keys": _is_strs,
-            "model": _is_str,
+            "row": _STR,
+            "intent": _STR,
+            "seed": _INT,
+            "price": _AMOUNT,
+            "fingerprint": _STR,
+            "request_sha": _STR,
+            "request_keys": _STRS,
+            "model": _STR,
         },
     ),
     "submitted": (
         frozenset({"row", "prediction_id"}),
         {
-            "row": _is_str,
-            "prediction_id": _is_str,
-            "seed": _is_int,
-            "attempt": _is_int,
-            "intent": _is_str,
-            "price": _is_amount,
-            "fingerprint": _is_str,
-            "possible_duplicates": _is_int,
+            "row": _STR,
+            "prediction_id": _STR,
+            "seed": _INT,
+            "attempt": _INT,
+            "intent": _STR,
+            "price": _AMOUNT,
+            "fingerprint": _STR,
+            "possible_duplicates": _INT,
         },
     ),
     "submit_refused": (
         frozenset({"row", "intent"}),
-        {"row": _is_str, "intent": _is_str, "error": _is_str, "status": _is_int},
+        {"row": _STR, "intent": _STR, "error": _STR, "status": _INT},
     ),
     "submit_unknown": (
         frozenset({"row", "intent"}),
-        {"row": _is_str, "intent": _is_str, "error": _is_str, "status": _is_int},
+        {"row": _STR, "intent": _STR, "error": _STR, "status": _INT},
     ),
     "submit_settled": (
         frozenset({"row", "intent", "outcome"}),
-        {"row": _is_str, "intent": _is_str, "outcome": _is_str, "prediction_id": _is_str},
+        {"row": _STR, "intent": _STR, "outcome": _STR, "prediction_id": _STR},
     ),
     "completed": (
         frozenset({"row", "outputs"}),
         {
-            "row": _is_str,
-            "prediction_id": _is_str,
-            "outputs": _is_strs,
-            "sha256": _is_strs,
-            "nsfw": _is_bools,
-            "inference_ms": _is_amount,
-            "seed": _is_int,
-            "meta": _is_dict,
+            "row": _STR,
+            "prediction_id": _STR,
+            "outputs": _STRS,
+            "sha256": _STRS,
+            "nsfw": _BOOLS,
+            "inference_ms": _AMOUNT,
+            "seed": _INT,
+            "meta": _DICT,
             **_REQUEST,
         },
     ),
     "failed": (
         frozenset({"row"}),
         {
-            "row": _is_str,
-            "error": _is_str,
-            "retryable": _is_bool,
-            "prediction_id": _is_str,
-            "code": _is_code,
-            "task_status": _is_str,
-            "live": _is_bool,
-            "attempt": _is_int,
-            "seed": _is_int,
-            "possible_duplicates": _is_int,
+            "row": _STR,
+            "error": _STR,
+            "retryable": _BOOL,
+            "prediction_id": _STR,
+            "code": _CODE,
+            "task_status": _STR,
+            "live": _BOOL,
+            "attempt": _INT,
+            "seed": _INT,
+            "possible_duplicates": _INT,
             **_REQUEST,
         },
     ),
@@ -548,18 +541,21 @@ def check_shape(d: Mapping[str, Any]) -> None:
     shape = _SHAPES.get(kind) if isinstance(kind, str) else None
     if shape is None:
         return
-    required, types = shape
+    required, checks = shape
     for name in required:
         if d.get(name) is None:
-            raise DamagedLine(f"{d.get('event')} without {name}")
-    for name, ok in types.items():
-        value = d.get(name)
+            raise DamagedLine(f"{kind} without {name}")
+    for name, value in d.items():
+        check = checks.get(name)
+        if check is None:
+            continue  # a field this version does not know: newer writers add fields
         if value is None:
-            if name in d and name in _NOT_NULL:
-                raise DamagedLine(f"{d.get('event')} with {name}: null")
+            if name in _NOT_NULL:
+                raise DamagedLine(f"{kind} with {name}: null")
             continue
-        if not ok(value):
-            raise DamagedLine(f"{d.get('event')} with a bad {name}: {str(value)[:40]!r}")
+        types, extra = check
+        if type(value) not in types or (extra is not None and not extra(value)):
+            raise DamagedLine(f"{kind} with a bad {name}: {str(value)[:40]!r}")
 
 
 def decode(d: Mapping[str, Any]) -> Event | None:
