@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import csv
 import difflib
-import glob
+import fnmatch
 import hashlib
 import io
 import json
+import math
 import os
 import re
+import reprlib
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -59,6 +61,15 @@ CSV_COLUMNS = ("id", "image", "prompt", "seed", "output_format", "repeat")
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 RESERVED_PARAMS = ("prompt", "image", "seed", "output_format")
 
+# Limits no real manifest reaches; past them a file is refused at once, before it can
+# cost minutes or gigabytes (alias bombs, a three-line product of a billion rows).
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+MAX_ROWS = 1_000_000  # tasks, counted after images x prompts x seeds x repeat
+MAX_DEPTH = 20  # nesting of YAML collections, and of JSON inside params and meta
+MAX_ALIAS_CHARS = 64 * 1024 * 1024  # what YAML aliases expand to, all together
+MAX_PARAMS_BYTES = 64 * 1024  # a row's params (and its meta) as JSON
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 @dataclass(frozen=True, slots=True)
 class Row:
@@ -103,7 +114,81 @@ class _LocatedList(list[Any]):
     item_lines: list[int]
 
 
+class _LimitError(yaml.composer.ComposerError):
+    """A document past one of the limits on nesting and aliases."""
+
+
+def _refuse(reason: str, event: Any) -> _LimitError:
+    return _LimitError(None, None, reason, event.start_mark)
+
+
 class _LineLoader(yaml.SafeLoader):
+    """SafeLoader with lines on every value, and limits on nesting and aliases.
+
+    Constructed values are shared between an anchor and its aliases, but whatever walks
+    them later (hashing params, printing a value) pays for every repetition: a few
+    hundred bytes of nested aliases stand for gigabytes. So each alias is charged what
+    it would cost written out, and the document is refused once that passes a limit.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._open: set[str] = set()  # anchors of collections still being composed
+        self._alias_chars = 0
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (chars, height)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open:
+                raise _refuse(f"alias *{event.anchor} is inside its own anchor", event)
+            node = super().compose_node(parent, index)
+            chars, height = self._measure(node) if node is not None else (0, 0)
+            self._alias_chars += chars
+            if self._alias_chars > MAX_ALIAS_CHARS:
+                limit = MAX_ALIAS_CHARS // 1_048_576
+                raise _refuse(f"aliases expand to over {limit} MB (limit on aliases)", event)
+            if self._depth + height >= MAX_DEPTH:  # its values sit one level further down
+                reason = f"alias *{event.anchor} nests values over {MAX_DEPTH} levels (limit)"
+                raise _refuse(reason, event)
+            return node
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise _refuse(f"nested over {MAX_DEPTH} levels deep (limit)", event)
+        anchor = getattr(event, "anchor", None)
+        nested = isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent))
+        if anchor and nested:
+            self._open.add(anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            if anchor and nested:
+                self._open.discard(anchor)
+
+    def _measure(self, node: yaml.Node) -> tuple[int, int]:
+        """(characters written out, levels of nesting) of a finished node; memoised."""
+        known = self._sizes.get(id(node))
+        if known is not None:
+            return known
+        if isinstance(node, yaml.ScalarNode):
+            found = (len(node.value) + 2, 0)
+        else:
+            children: list[yaml.Node] = (
+                [part for pair in node.value for part in pair]
+                if isinstance(node, yaml.MappingNode)
+                else list(node.value)
+            )
+            chars, height = 2, 0
+            for child in children:
+                c, h = self._measure(child)
+                chars += c
+                height = max(height, h)
+            found = (chars, height + 1)
+        self._sizes[id(node)] = found
+        return found
+
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         # A scalar the resolver typed but Python refuses (2020-13-45, !!int abc,
         # an int of 5000 digits) raises ValueError & co. without a line: give it one.
@@ -125,6 +210,10 @@ def _construct_located(loader: _LineLoader, node: yaml.MappingNode) -> _Located:
     mapping.duplicates = []
     own_keys: set[str] = set()
     for index, (key_node, value_node) in enumerate(node.value):
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a mapping key must be a plain value", key_node.start_mark
+            )
         key = str(loader.construct_object(key_node, deep=True))
         line = key_node.start_mark.line + 1
         if index >= first_own:  # overriding a merged key is what `<<` is for
@@ -154,15 +243,47 @@ def shard_of(row_id: str, count: int) -> int:
 
 
 def _request_hash(model: str, image: str, prompt: str, seed: int, fmt: str, params: Any) -> str:
+    # allow_nan=False: the checks let through only what strict JSON carries.
     canonical = json.dumps(
-        [model, image, prompt, seed, fmt, params], sort_keys=True, separators=(",", ":")
+        [model, image, prompt, seed, fmt, params],
+        sort_keys=True,
+        separators=(",", ":"),
+        allow_nan=False,
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+class _ShortRepr(reprlib.Repr):
+    """repr that looks at a bounded part of a value, however big or deeply shared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxdict, self.maxstring = 3, 4, 4, 60
+        self.maxlong, self.maxother, self.maxtuple, self.maxset = 60, 60, 4, 4
+
+    def repr1(self, x: Any, level: int) -> str:
+        # The YAML loader's dict and list subclasses would fall back to the full repr.
+        if isinstance(x, dict) and type(x) is not dict:
+            return self.repr_dict(x, level)
+        if isinstance(x, list) and type(x) is not list:
+            return self.repr_list(x, level)
+        if x is not None and not isinstance(x, (str, int, float, list, dict, tuple, set)):
+            return f"<{type(x).__name__}>"
+        return super().repr1(x, level)
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 200:  # repr of 5000 digits raises, and is no use anyway
+            return f"<an integer of about {int(x.bit_length() * 0.30103)} digits>"
+        return super().repr_int(x, level)
+
+
+_REPR = _ShortRepr()
+
+
 def _show(value: Any, limit: int = 60) -> str:
-    """A value for a message, cut short: a 5000-digit seed should not fill the screen."""
-    text = str(value).split(";")[0] if isinstance(value, Exception) else repr(value)
+    """A value for a message, cut short: a 5000-digit seed or a list of a billion
+    aliases should not fill the screen, nor take long to print."""
+    text = str(value).split(";")[0] if isinstance(value, Exception) else _REPR.repr(value)
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
@@ -170,6 +291,61 @@ def _suggest(name: str, allowed: tuple[str, ...]) -> str:
     close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return f"unknown field '{name}'{hint}"
+
+
+_UNSENDABLE = "a lone surrogate, which cannot be sent as UTF-8"
+_INT64 = (-(2**63), 2**64 - 1)  # what any JSON decoder on the other side can hold
+
+
+def _json_problems(value: dict[Any, Any], scalars_only: bool) -> list[tuple[str, str]]:
+    """Why a params (or meta) mapping is not exactly what strict JSON can carry.
+
+    Walks at most MAX_PARAMS_BYTES worth of it and MAX_DEPTH levels, so a value
+    shared a billion times over is refused quickly. Each problem is a path under the
+    mapping (".steps", ".sizes[2]") and a reason.
+    """
+    problems: list[tuple[str, str]] = []
+    budget = MAX_PARAMS_BYTES
+    stack: list[tuple[str, Any, int]] = [("", value, 0)]
+    while stack and len(problems) < 10:
+        where, item, depth = stack.pop()
+        if isinstance(item, str):
+            budget -= len(item) + 3
+            if _SURROGATE.search(item):
+                problems.append((where, f"is not valid Unicode text ({_UNSENDABLE})"))
+        elif item is None or isinstance(item, bool):
+            budget -= 5
+        elif isinstance(item, int):
+            budget -= 8
+            if not _INT64[0] <= item <= _INT64[1]:
+                problems.append((where, f"{_show(item)} is too large a number to send"))
+        elif isinstance(item, float):
+            budget -= 8
+            if not math.isfinite(item):
+                problems.append((where, f"{item} is not a finite number (JSON has none)"))
+        elif scalars_only and depth > 0:
+            problems.append((where, "must be a scalar"))
+        elif depth >= MAX_DEPTH:
+            problems.append((where, f"nests over {MAX_DEPTH} levels deep (limit)"))
+        elif isinstance(item, list):
+            budget -= 2 + len(item)
+            if budget >= 0:
+                stack.extend((f"{where}[{i}]", x, depth + 1) for i, x in enumerate(item))
+        elif isinstance(item, dict):
+            budget -= 2 + 4 * len(item)
+            if budget >= 0:
+                for key, x in item.items():
+                    name = str(key)
+                    budget -= len(name)
+                    if _SURROGATE.search(name):
+                        problems.append((f"{where}.{_show(name)}", f"key: {_UNSENDABLE}"))
+                    stack.append((f"{where}.{name}", x, depth + 1))
+        else:
+            problems.append((where, f"must be JSON data, got {type(item).__name__}"))
+        if budget < 0:
+            limit = MAX_PARAMS_BYTES // 1024
+            return [("", f"is over {limit} KB as JSON (limit on params and meta per row)")]
+    return problems
 
 
 @dataclass(slots=True)
@@ -203,6 +379,12 @@ class _Builder:
         self._image_checks: dict[str, str | None] = {}
         self._ref_checks: dict[str, tuple[Path | bool | None, list[str]]] = {}
         self._glob_cache: dict[str, list[str] | str] = {}
+        self._planned = 0  # tasks the rows so far expand to
+        # Rows are built only once the whole manifest is known to be within MAX_ROWS.
+        self._plans: list[tuple[Any, ...]] = []
+        self._full = False  # past MAX_ROWS: the rest is not looked at
+        # params and meta by identity: defaults and YAML aliases share one object
+        self._json_checks: dict[int, tuple[Any, list[tuple[str, str]], Any]] = {}
 
     def problem(self, line: int | None, name: str, reason: str) -> None:
         # A row that expands (prompts x images x seeds) would repeat the same problem.
@@ -230,6 +412,9 @@ class _Builder:
         return result
 
     def _check_image_once(self, ref: str, line: int | None, name: str) -> Path | bool | None:
+        if _SURROGATE.search(ref):
+            self.problem(line, name, f"{_show(ref)} is not valid Unicode text ({_UNSENDABLE})")
+            return False
         if "://" in ref:
             scheme = ref.split("://", 1)[0].lower()
             if scheme not in ("http", "https"):
@@ -302,6 +487,9 @@ class _Builder:
         if len(value) > MAX_PROMPT_CHARS:
             self.problem(line, name, f"is {len(value)} characters, over {MAX_PROMPT_CHARS}")
             return None
+        if _SURROGATE.search(value):
+            self.problem(line, name, f"is not valid Unicode text ({_UNSENDABLE})")
+            return None
         return value
 
     def _list(self, value: Any, line: int | None, name: str) -> list[Any] | None:
@@ -327,6 +515,8 @@ class _Builder:
         return cached
 
     def _glob(self, pattern: str) -> list[str] | str:
+        if _SURROGATE.search(pattern):
+            return f"{_show(pattern)} is not valid Unicode text ({_UNSENDABLE})"
         target = self.base / pattern
         try:
             if target.is_dir():
@@ -340,14 +530,23 @@ class _Builder:
                 if not found:
                     return f"folder '{pattern}' holds no image files"
             else:
-                # root_dir, not base/pattern: the manifest's own folder may hold [ ] * ?
-                matches = sorted(glob.glob(pattern, root_dir=self.base, recursive=True))
-                found = [self.base / p for p in matches if (self.base / p).is_file()]
+                # base, not base/pattern: the manifest's own folder may hold [ ] * ?
+                found = [p for p in map(Path, _glob_paths(str(self.base), pattern)) if p.is_file()]
                 if not found:
                     return f"'{pattern}' matches no files"
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             return f"'{pattern}' cannot be listed ({getattr(exc, 'strerror', None) or exc})"
-        return [os.path.relpath(p, self.base).replace(os.sep, "/") for p in found]
+        # A file reached twice (a symlink to it, a linked folder) is one image: one row,
+        # named by a path without links if there is one, else by the first in order.
+        real_base = os.path.realpath(self.base)
+        best: dict[str, tuple[bool, str]] = {}
+        for p in found:
+            rel = os.path.relpath(p, self.base)
+            real = os.path.realpath(p)
+            key = (real != os.path.normpath(os.path.join(real_base, rel)), rel)
+            if real not in best or key < best[real]:
+                best[real] = key
+        return sorted(rel.replace(os.sep, "/") for _, rel in best.values())
 
     # -- rows --------------------------------------------------------------
 
@@ -357,6 +556,8 @@ class _Builder:
         defaults: Mapping[str, Any],
         default_lines: Mapping[str, int] | None = None,
     ) -> None:
+        if self._full:
+            return
         if not defaults and self._add_plain(raw):
             return
         row = raw.fields
@@ -393,23 +594,7 @@ class _Builder:
                 *where("output_format"),
                 f"must be one of {', '.join(OUTPUT_FORMATS)}, got {_show(fmt)}",
             )
-        line, name = where("params")
-        params = merged.get("params", {})
-        if not isinstance(params, dict):
-            self.problem(line, name, "must be a mapping")
-            params = {}
-        for key in params:
-            if key in RESERVED_PARAMS:
-                self.problem(line, f"{name}.{key}", "set it as a row field")
-        if params:
-            params = {str(k): v for k, v in params.items()}
-            try:
-                json.dumps(params)
-            except (TypeError, ValueError):
-                self.problem(line, name, "values must be JSON data")
-                params = {}
-        else:
-            params = _EMPTY  # shared: 100k rows need not carry 100k empty dicts
+        params = self._params(merged.get("params", {}), *where("params"))
         meta = self._meta(merged.get("meta", {}), *where("meta"))
         repeat = merged.get("repeat", 1)
         if isinstance(repeat, bool) or not isinstance(repeat, int) or not 1 <= repeat <= MAX_REPEAT:
@@ -439,19 +624,71 @@ class _Builder:
 
         if self._seen > before or images is None or prompts is None or seeds is None:
             return
-        combos = [(i, p, s) for i in checked_images for p in checked_prompts for s in checked_seeds]
-        if explicit_id is not None and len(combos) * repeat > 1:
+        # Counted before anything is built: three short lists and a repeat can ask for
+        # billions of rows.
+        count = len(checked_images) * len(checked_prompts) * len(checked_seeds) * repeat
+        if explicit_id is not None and count > 1:
             self.problem(
                 raw.line_of("id"),
                 "id",
                 "an explicit id names one task; drop 'repeat' or the lists, or drop the id",
             )
             return
-        for (image_ref, image_path), prompt, seed in combos:
-            for _ in range(repeat):
+        if not self._plan(raw, count):
+            return
+        self._plans.append(
+            (
+                raw,
+                explicit_id,
+                checked_images,
+                checked_prompts,
+                checked_seeds,
+                repeat,
+                fmt,
+                params,
+                meta,
+            )
+        )
+
+    def _build(self) -> None:
+        """Make the rows planned, in file order (derived ids count identical rows)."""
+        for plan in self._plans:
+            if len(plan) == 7:  # a plain row
+                raw, explicit_id, image_ref, image_path, prompt, seed, fmt = plan
                 self._append(
-                    raw, explicit_id, image_ref, image_path, prompt, seed, fmt, params, meta
+                    raw, explicit_id, image_ref, image_path, prompt, seed, fmt, _EMPTY, _EMPTY
                 )
+                continue
+            raw, explicit_id, images, prompts, seeds, repeat, fmt, params, meta = plan
+            for image_ref, image_path in images:
+                for prompt in prompts:
+                    for seed in seeds:
+                        for _ in range(repeat):
+                            self._append(
+                                raw,
+                                explicit_id,
+                                image_ref,
+                                image_path,
+                                prompt,
+                                seed,
+                                fmt,
+                                params,
+                                meta,
+                            )
+        self._plans.clear()
+
+    def _plan(self, raw: _RawRow, count: int) -> bool:
+        """Count a row's tasks against MAX_ROWS; past it, say so once and stop."""
+        if self._planned + count <= MAX_ROWS:
+            self._planned += count
+            return True
+        reason = (
+            f"expands to {count:,} tasks, which takes the manifest past the limit of "
+            f"{MAX_ROWS:,} rows; split it into several manifests"
+        )
+        self.problem(raw.line, "rows", reason)
+        self._full = True
+        return False
 
     def _append(
         self,
@@ -492,7 +729,9 @@ class _Builder:
         image, prompt = fields.get("image"), fields.get("prompt")
         if type(image) is not str or type(prompt) is not str:
             return False
-        if not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS:
+        if not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS or _SURROGATE.search(prompt):
+            return False
+        if self._planned >= MAX_ROWS:
             return False
         seed = fields.get("seed", -1)
         if type(seed) is str and _SEED_TEXT.fullmatch(seed):
@@ -518,8 +757,9 @@ class _Builder:
             return False
         if explicit is not None:
             self._explicit_ids[explicit] = raw.key_lines.get("id", raw.line)
+        self._planned += 1
         path = image_path if isinstance(image_path, Path) else None
-        self._append(raw, explicit, image, path, prompt, seed, fmt, _EMPTY, _EMPTY)
+        self._plans.append((raw, explicit, image, path, prompt, seed, fmt))
         return True
 
     def _one_or_many(
@@ -566,14 +806,45 @@ class _Builder:
             values = [value]
         return None if values is None else (chosen, values)
 
+    def _checked_json(
+        self, value: Any, scalars_only: bool
+    ) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+        """Problems (path, reason) of a params or meta mapping, and the mapping itself.
+
+        Checked once per object: `defaults` and YAML aliases hand the same one to
+        every row."""
+        cached = self._json_checks.get(id(value))
+        if cached is not None and cached[0] is value:
+            return cached[1], cached[2]
+        problems = _json_problems(value, scalars_only)
+        result = {str(k): v for k, v in value.items()} if not problems else {}
+        self._json_checks[id(value)] = (value, problems, result)
+        return problems, result
+
+    def _params(self, value: Any, line: int | None, name: str) -> Mapping[str, Any]:
+        if not isinstance(value, dict):
+            self.problem(line, name, "must be a mapping")
+            return _EMPTY
+        if not value:
+            return _EMPTY  # shared: 100k rows need not carry 100k empty dicts
+        problems, params = self._checked_json(value, scalars_only=False)
+        for key in value:
+            if key in RESERVED_PARAMS:
+                self.problem(line, f"{name}.{key}", "set it as a row field")
+        for where, reason in problems:
+            self.problem(line, f"{name}{where}", reason)
+        return params
+
     def _meta(self, value: Any, line: int | None, name: str) -> dict[str, Any]:
         if not isinstance(value, dict):
             self.problem(line, name, "must be a mapping of names to scalars")
             return {}
-        for key, item in value.items():
-            if item is not None and not isinstance(item, (str, int, float, bool)):
-                self.problem(line, f"{name}.{key}", "must be a scalar")
-        return {str(k): v for k, v in value.items()}
+        if not value:
+            return {}
+        problems, meta = self._checked_json(value, scalars_only=True)
+        for where, reason in problems:
+            self.problem(line, f"{name}{where}", reason)
+        return meta
 
     def _check_id(self, value: Any, raw: _RawRow) -> str | None:
         line = raw.line_of("id")
@@ -607,6 +878,9 @@ class _Builder:
         return row_id
 
     def finish(self) -> tuple[Row, ...]:
+        if self._full:  # nothing built, and nothing worth building
+            raise ManifestError(sorted(self.problems, key=lambda p: p.line or 0))
+        self._build()
         all_ids = set(self._explicit_ids) | self._derived_ids
         for row_id, line in self._explicit_ids.items():
             if row_id in self._derived_ids:
@@ -626,17 +900,98 @@ class _Builder:
         return tuple(self.rows)
 
 
+_GLOB_MAGIC = re.compile(r"[*?\[]")
+
+
+def _glob_paths(base: str, pattern: str) -> list[str]:
+    """Paths matching a glob pattern relative to ``base``, sorted, like ``glob.glob``
+    with ``recursive=True`` (``*`` skips hidden names, ``**`` any depth of folders),
+    except that ``**`` enters each real folder once, through symlinks only after the
+    folders themselves: a symlink loop, or two links to one folder, cannot repeat what
+    it lists or make it endless."""
+    root = "/" if pattern.startswith("/") else base
+    written = [part for part in pattern.split("/") if part]
+    parts = [p for i, p in enumerate(written) if not (p == "**" and written[i - 1 : i] == [p])]
+    found: list[str] = []
+    entered: set[tuple[str, int]] = set()
+
+    def listdir(folder: str) -> list[str]:
+        try:
+            return sorted(os.listdir(folder))
+        except OSError:
+            return []
+
+    def walk(rel: str, i: int) -> None:
+        full = os.path.join(root, rel) if rel else root
+        if i == len(parts):
+            found.append(full)
+            return
+        part = parts[i]
+        if part == "**":
+            if not os.path.isdir(full):
+                if rel and i == len(parts) - 1:  # a trailing ** matches files as well
+                    found.append(full)
+                return
+            key = (os.path.realpath(full), i)
+            if key in entered:
+                return
+            entered.add(key)
+            walk(rel, i + 1)  # ** matches no folder at all, too
+            for name in listdir(full):
+                if name.startswith("."):
+                    continue
+                child = os.path.join(rel, name)
+                if os.path.islink(os.path.join(root, child)):
+                    linked.append((child, i))  # after the real folders: their paths win
+                else:
+                    walk(child, i)
+        elif _GLOB_MAGIC.search(part):
+            for name in listdir(full):
+                if (part.startswith(".") or not name.startswith(".")) and fnmatch.fnmatchcase(
+                    name, part
+                ):
+                    walk(os.path.join(rel, name), i + 1)
+        elif os.path.lexists(os.path.join(full, part)):
+            walk(os.path.join(rel, part), i + 1)
+
+    linked: list[tuple[str, int]] = []
+    walk("", 0)
+    while linked:
+        todo = sorted(linked)
+        linked.clear()
+        for rel, i in todo:
+            walk(rel, i)
+    if pattern.endswith("/"):  # as in glob: folders only
+        found = [f"{path}/" for path in found if os.path.isdir(path)]
+    return sorted(found)
+
+
 # -- file formats -----------------------------------------------------------
 
 
 def _read_text(path: Path) -> str:
+    def refuse(reason: str) -> ManifestError:
+        return ManifestError([Problem(str(path), None, "manifest", reason)])
+
+    limit = f"over the {MAX_MANIFEST_BYTES // 1_048_576} MB limit for a manifest"
     try:
-        data = path.read_bytes()
+        # Opened without blocking: a FIFO named m.yaml must not hang validation.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise refuse("is not a regular file")
+            if st.st_size > MAX_MANIFEST_BYTES:
+                raise refuse(f"is {st.st_size / 1_048_576:.0f} MB, {limit}")
+            data = fh.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
-        raise ManifestError([Problem(str(path), None, "manifest", "file does not exist")]) from None
+        raise refuse("file does not exist") from None
     except OSError as exc:
-        reason = f"cannot be read ({exc.strerror})"
-        raise ManifestError([Problem(str(path), None, "manifest", reason)]) from None
+        raise refuse(f"cannot be read ({exc.strerror})") from None
+    except ValueError as exc:  # a NUL in the path
+        raise refuse(f"cannot be read ({exc})") from None
+    if len(data) > MAX_MANIFEST_BYTES:  # grew while being read
+        raise refuse(f"is {limit}")
     if b"\x00" in data:
         raise ManifestError([Problem(str(path), None, "manifest", "is binary, not text")])
     try:
@@ -657,7 +1012,7 @@ def _yaml_rows(path: Path, text: str) -> tuple[dict[str, Any], list[_RawRow], li
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        if not isinstance(exc, yaml.constructor.ConstructorError):
+        if not isinstance(exc, (yaml.constructor.ConstructorError, _LimitError)):
             what = f"syntax error: {what}"
         context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
         if context and context_mark is not None and context_mark.line + 1 != line:
@@ -694,6 +1049,9 @@ def _yaml_rows(path: Path, text: str) -> tuple[dict[str, Any], list[_RawRow], li
             [Problem(source, 1, "manifest", "must be a list of rows or a mapping with 'rows'")]
         )
     item_lines = items.item_lines if isinstance(items, _LocatedList) else []
+    if len(items) > MAX_ROWS:
+        line = item_lines[MAX_ROWS] if len(item_lines) > MAX_ROWS else None
+        raise ManifestError([*problems, _too_many_rows(source, line)])
     raws: list[_RawRow] = []
     for index, item in enumerate(items):
         if not isinstance(item, _Located):
@@ -713,21 +1071,58 @@ def _duplicate_keys(source: str, mapping: _Located, prefix: str) -> list[Problem
     ]
 
 
+def _too_many_rows(source: str, line: int | None) -> Problem:
+    reason = f"more than {MAX_ROWS:,} rows, the limit for one manifest; split it"
+    return Problem(source, line, "rows", reason)
+
+
+class _NotJson(ValueError):
+    """A value json.loads takes but JSON does not have (NaN, Infinity)."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not valid JSON (no finite number)")
+
+
+def _strict_object(duplicates: list[str]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    def make(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        found = dict(pairs)
+        if len(found) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    duplicates.append(key)
+                seen.add(key)
+        return found
+
+    return make
+
+
 def _jsonl_rows(path: Path, text: str) -> tuple[list[_RawRow], list[Problem]]:
     raws: list[_RawRow] = []
     problems: list[Problem] = []
+    duplicates: list[str] = []
+    # Strict, as YAML is: a key given twice, or NaN, is a mistake, not a value to guess at.
+    decoder = json.JSONDecoder(
+        object_pairs_hook=_strict_object(duplicates), parse_constant=_no_constant
+    )
     for number, line in enumerate(io.StringIO(text), start=1):
         if not line.strip():
             continue
+        if len(raws) >= MAX_ROWS:
+            raise ManifestError([*problems, _too_many_rows(str(path), number)])
+        duplicates.clear()
         try:
-            item = json.loads(line)
+            item = decoder.decode(line)
         except json.JSONDecodeError as exc:
             problems.append(Problem(str(path), number, "json", f"syntax error: {exc.msg}"))
             continue
-        except (ValueError, RecursionError) as exc:  # an int of 5000 digits, [[[[...
+        except (ValueError, RecursionError) as exc:  # an int of 5000 digits, [[[[..., NaN
             reason = "nested too deeply" if isinstance(exc, RecursionError) else _show(exc)
             problems.append(Problem(str(path), number, "json", f"invalid value: {reason}"))
             continue
+        for key in dict.fromkeys(duplicates):
+            problems.append(Problem(str(path), number, key, "appears twice in one object"))
         if not isinstance(item, dict):
             problems.append(Problem(str(path), number, "json", "each line must be a JSON object"))
             continue
@@ -755,6 +1150,8 @@ def _csv_rows(path: Path, text: str) -> tuple[list[_RawRow], list[Problem]]:
     if problems:
         raise ManifestError(problems)
     raws: list[_RawRow] = []
+    cell_duplicates: list[str] = []
+    cell_decoder = json.JSONDecoder(object_pairs_hook=_strict_object(cell_duplicates))
     while True:
         line = reader.line_num + 1  # where the record starts: a quoted cell may span lines
         try:
@@ -767,6 +1164,8 @@ def _csv_rows(path: Path, text: str) -> tuple[list[_RawRow], list[Problem]]:
             break
         if not any(v.strip() for v in values):
             continue
+        if len(raws) >= MAX_ROWS:
+            raise ManifestError([*problems, _too_many_rows(source, line)])
         if len(values) != len(header):
             reason = f"has {len(values)} columns, the header has {len(header)}"
             problems.append(Problem(source, line, "csv", reason))
@@ -778,7 +1177,15 @@ def _csv_rows(path: Path, text: str) -> tuple[list[_RawRow], list[Problem]]:
             if name.startswith("meta."):
                 meta[name[5:]] = value
             elif name.startswith("params."):
-                params[name[7:]] = _csv_scalar(value)
+                if value.strip():  # an empty cell is a parameter not given, not ""
+                    cell_duplicates.clear()
+                    try:
+                        params[name[7:]] = _csv_scalar(value, cell_decoder)
+                    except RecursionError:
+                        problems.append(Problem(source, line, name, "nested too deeply"))
+                    for key in dict.fromkeys(cell_duplicates):
+                        reason = f"key '{key}' appears twice in one object"
+                        problems.append(Problem(source, line, name, reason))
             elif value.strip() != "":
                 if name != "prompt":  # "a.png, put a hat on" leaves a space before the path
                     value = value.strip()
@@ -795,10 +1202,11 @@ def _csv_int(value: str) -> int | str:
     return int(value) if re.fullmatch(r"[0-9]{1,9}", value) else value
 
 
-def _csv_scalar(value: str) -> Any:
+def _csv_scalar(value: str, decoder: json.JSONDecoder) -> Any:
+    """A params cell: JSON if it is JSON (5, true, [1, 2]), else the text as it is."""
     try:
-        return json.loads(value)
-    except (ValueError, RecursionError):
+        return decoder.decode(value)
+    except ValueError:
         return value
 
 
@@ -882,7 +1290,7 @@ def _check_settings(path: Path, settings: dict[str, Any], lines: dict[str, int])
     problems = []
     for name, value in settings.items():
         if name == "out":
-            ok = isinstance(value, str) and bool(value.strip())
+            ok = isinstance(value, str) and bool(value.strip()) and not _SURROGATE.search(value)
         elif name in ("concurrency", "retries"):
             ok = (
                 isinstance(value, int)
@@ -892,7 +1300,9 @@ def _check_settings(path: Path, settings: dict[str, Any], lines: dict[str, int])
         else:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
         if not ok:
-            problems.append(Problem(str(path), lines.get(name), name, f"invalid value {value!r}"))
+            problems.append(
+                Problem(str(path), lines.get(name), name, f"invalid value {_show(value)}")
+            )
     return problems
 
 

@@ -423,6 +423,10 @@ def test_expansion_problems_point_at_their_field(images: list[Path], write_text)
     assert located(problems_of(path)) == {(2, "images"), (4, "prompts"), (7, "seeds")}
 
 
+def _row_with(params: Any) -> str:
+    return json.dumps({"image": "images/a.png", "prompt": "p", "params": params}) + "\n"
+
+
 # name, text, expected line, expected field
 BAD_INPUTS: list[tuple[str, str, int | None, str]] = [
     ("null-image.yaml", "- image:\n  prompt: hi\n", 1, "image"),
@@ -431,7 +435,7 @@ BAD_INPUTS: list[tuple[str, str, int | None, str]] = [
     ("bad-int-tag.yaml", "- image: images/a.png\n  prompt: !!int abc\n", 2, "yaml"),
     ("python-tag.yaml", "- !!python/object/apply:os.system [id]\n", 1, "yaml"),
     ("recursive.yaml", "- image: images/a.png\n  prompt: x\n  params: &a {x: *a}\n", 3, "yaml"),
-    ("deep.yaml", "[" * 400 + "]" * 400 + "\n", None, "yaml"),
+    ("deep.yaml", "[" * 400 + "]" * 400 + "\n", 1, "yaml"),
     ("two-docs.yaml", "rows: []\n---\nrows: []\n", 2, "yaml"),
     ("comments-only.yaml", "# nothing here\n", None, "manifest"),
     ("scalar.yaml", "hello\n", 1, "manifest"),
@@ -466,6 +470,75 @@ BAD_INPUTS: list[tuple[str, str, int | None, str]] = [
     ("bad-column.csv", "image,prompt,sed\n", 1, "sed"),
     ("whitespace.csv", "  \n\n", None, "manifest"),
     ("manifest.txt", "image,prompt\n", None, "manifest"),
+    # limits, and values the API cannot take (the worst of each is in tests/corpus)
+    ("alias-loop.yaml", "- image: images/a.png\n  prompt: x\n  params: &l {a: [*l]}\n", 3, "yaml"),
+    ("key-list.yaml", "- image: images/a.png\n  prompt: x\n  ? [a, b]\n  : 1\n", 3, "yaml"),
+    (
+        "deep-params.jsonl",
+        _row_with(json.loads('{"a":' * 21 + "1" + "}" * 21)),
+        1,
+        "params" + ".a" * 20,
+    ),
+    (
+        "deep-cell.csv",
+        'image,prompt,params.x\nimages/a.png,p,"' + "[" * 25 + "]" * 25 + '"\n',
+        2,
+        "params.x" + "[0]" * 19,
+    ),
+    ("surrogate-key.jsonl", _row_with({"neg\udc00": 1}), 1, "params.'neg\\udc00'"),
+    ("surrogate-deep.jsonl", _row_with({"sizes": [1, "\ud83c"]}), 1, "params.sizes[1]"),
+    (
+        "surrogate-meta-key.jsonl",
+        '{"image": "images/a.png", "prompt": "p", "meta": {"\\ud800": 1}}\n',
+        1,
+        "meta.'\\ud800'",
+    ),
+    ("surrogate-images.yaml", '- images: "images/\\ud83c*.png"\n  prompt: x\n', 1, "images"),
+    (
+        "minus-infinity.jsonl",
+        '{"image": "images/a.png", "prompt": "p", "params": {"s": -Infinity}}\n',
+        1,
+        "json",
+    ),
+    (
+        "nan-meta.yaml",
+        "- image: images/a.png\n  prompt: x\n  meta: {score: .nan}\n",
+        3,
+        "meta.score",
+    ),
+    ("huge-int-param.jsonl", _row_with({"steps": 10**30}), 1, "params.steps"),
+    (
+        "date-param.yaml",
+        "- image: images/a.png\n  prompt: x\n  params: {when: 2024-05-01}\n",
+        3,
+        "params.when",
+    ),
+    (
+        "binary-param.yaml",
+        "- image: images/a.png\n  prompt: x\n  params: {m: !!binary aGk=}\n",
+        3,
+        "params.m",
+    ),
+    (
+        "dup-param.jsonl",
+        '{"image": "images/a.png", "prompt": "p", "params": {"s": 1, "s": 2}}\n',
+        1,
+        "s",
+    ),
+    (
+        "dup-in-cell.csv",
+        'image,prompt,params.size\nimages/a.png,p,"{""w"": 1, ""w"": 2}"\n',
+        2,
+        "params.size",
+    ),
+    (
+        "big-meta.jsonl",
+        '{"image": "images/a.png", "prompt": "p", "meta": {"n": "' + "a" * 70_000 + '"}}\n',
+        1,
+        "meta",
+    ),
+    ("bad-out.yaml", 'out: "x\\ud83c"\nrows: []\n', 1, "out"),
+    ("huge-setting.yaml", "concurrency: [[[[1, 2, 3, 4, 5, 6]]]]\nrows: []\n", 1, "concurrency"),
 ]
 
 

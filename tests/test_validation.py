@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from batch.emulator import Emulator, EmulatorConfig, serve_in_thread
-from tests.conftest import API_KEY, WriteManifest, make_image, run_subprocess
+from tests.conftest import API_KEY, WriteManifest, make_image, subprocess_env, wsbatch_cmd
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -51,6 +52,52 @@ def _unreadable(name: str, data: bytes) -> Callable[[Path], None]:
 def _unreadable_image(folder: Path) -> None:
     (folder / "unreadable-image.yaml").write_text("- image: images/locked.png\n  prompt: x\n")
     _unreadable("images/locked.png", PNG_MAGIC + bytes(64))(folder)
+
+
+def _huge_manifest(folder: Path) -> None:
+    """A sparse 257 MB CSV: refused by its size before a byte of it is read."""
+    with open(folder / "manifest-too-big.csv", "wb") as fh:
+        fh.write(b"image,prompt\n")
+        fh.truncate(257 * 1024 * 1024)
+
+
+def _fifo_manifest(folder: Path) -> None:
+    """A named pipe that nothing writes to: reading it would wait for ever."""
+    os.mkfifo(folder / "manifest-fifo.yaml")
+
+
+def _params_too_big(folder: Path) -> None:
+    row = b'{"image": "images/ok.png", "prompt": "x", "params": {"negative_prompt": "'
+    (folder / "params-too-big.jsonl").write_bytes(row + b"a" * 70_000 + b'"}}\n')
+
+
+def _image_symlink_loop(folder: Path) -> None:
+    (folder / "image-symlink-loop.yaml").write_text(
+        "- image: images/ok.png\n  prompt: x\n- image: images/loop.png\n  prompt: y\n"
+    )
+    (folder / "images" / "loop.png").symlink_to("loop.png")
+
+
+def _loops(folder: Path) -> Path:
+    """Two loops in a folder and a link to it: glob's `**` walked 2^40 paths through them."""
+    (folder / "a").mkdir(parents=True)
+    (folder / "a" / "up").symlink_to("..")
+    (folder / "a" / "self").symlink_to(".")
+    (folder / "b").symlink_to("a")
+    return folder
+
+
+def _glob_only_loops(folder: Path) -> None:
+    _loops(folder / "loops-empty")
+    (folder / "glob-only-loops.yaml").write_text("- images: loops-empty/**/*.png\n  prompt: x\n")
+
+
+def _glob_loop_and_bad_row(folder: Path) -> None:
+    """A loop under `**` next to a real problem: the problem is still found, and fast."""
+    make_image(_loops(folder / "loops-one") / "a" / "one.png")
+    (folder / "glob-loop-and-bad-row.yaml").write_text(
+        "- images: loops-one/**/*.png\n  prompt: x\n- image: images/ok.png\n  prompt: ''\n"
+    )
 
 
 def _big_image(folder: Path) -> None:
@@ -131,6 +178,34 @@ CASES = [
     Case("csv-missing-columns.csv", (("prompt", 1),), "required column is missing"),
     Case("empty-prompts.yaml", (("prompts", 2),), "must not be an empty list"),
     Case("glob-nothing.yaml", (("images", 1),), "matches no files"),
+    # resource bombs: refused at once, whatever they would expand to
+    Case("alias-bomb-seed.yaml", (("yaml", 8),), "aliases expand to over 64 MB"),
+    Case("alias-bomb-params.yaml", (("yaml", 8),), "aliases expand to over 64 MB"),
+    Case("alias-bomb-format.yaml", (("yaml", 8),), "aliases expand to over 64 MB"),
+    Case("alias-bomb-merge.yaml", (("yaml", 8),), "aliases expand to over 64 MB"),
+    Case("expansion-product.yaml", (("rows", 1),), "limit of 1,000,000 rows"),
+    Case("expansion-across-rows.yaml", (("rows", 5),), "limit of 1,000,000 rows"),
+    Case("nested-too-deep.yaml", (("yaml", 3),), "over 20 levels deep"),
+    Case("params-too-big.jsonl", (("params", 1),), "over 64 KB", make=_params_too_big),
+    Case(
+        "manifest-too-big.csv", (("manifest", None),), "over the 256 MB limit", make=_huge_manifest
+    ),
+    # text that cannot be sent: refused before it is billed
+    Case("surrogate-prompt.jsonl", (("prompt", 2),), "lone surrogate"),
+    Case("surrogate-meta.yaml", (("meta.label", 3),), "lone surrogate"),
+    Case("nan-params.jsonl", (("json", 1),), "NaN is not valid JSON"),
+    Case("nan-params.csv", (("params.guidance_scale", 3),), "nan is not a finite number"),
+    Case("duplicate-key.jsonl", (("prompt", 1),), "appears twice"),
+    # files that lie about what they are
+    Case("manifest-fifo.yaml", (("manifest", None),), "not a regular file", make=_fifo_manifest),
+    Case("image-symlink-loop.yaml", (("image", 3),), "cannot be", make=_image_symlink_loop),
+    Case("glob-only-loops.yaml", (("images", 1),), "matches no files", make=_glob_only_loops),
+    Case(
+        "glob-loop-and-bad-row.yaml",
+        (("prompt", 4),),
+        "must not be empty",
+        make=_glob_loop_and_bad_row,
+    ),
     # several problems in one file: every one of them is reported
     Case(
         "several-problems.yaml",
@@ -159,11 +234,18 @@ def _unreadable_is_enforced(folder: Path) -> bool:
 
 
 @dataclass
+class Measured:
+    result: subprocess.CompletedProcess[str]
+    cpu: float  # seconds of CPU the child used
+    max_rss_mb: float  # its peak resident memory
+
+
+@dataclass
 class Outcome:
     manifest: Path
     out_dir: Path
-    validate: subprocess.CompletedProcess[str]
-    run: subprocess.CompletedProcess[str]
+    validate: Measured
+    run: Measured
 
 
 @pytest.fixture(scope="module")
@@ -186,11 +268,37 @@ def module_emulator() -> Iterator[Emulator]:
         yield emu
 
 
-def _wsbatch(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def _wsbatch(*args: str | Path) -> Measured:
+    """Run wsbatch as a child and measure it: reaped with wait4 for its own rusage."""
     # Module fixtures run before the autouse env fixture: pass the key explicitly.
-    return run_subprocess(
-        *[str(a) for a in args], WAVESPEED_API_KEY=API_KEY, WSBATCH_ZERO_BACKOFF="1"
+    env = subprocess_env(WAVESPEED_API_KEY=API_KEY, WSBATCH_ZERO_BACKOFF="1")
+    cmd = wsbatch_cmd(*[str(a) for a in args])
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
     )
+    assert proc.stdout is not None and proc.stderr is not None
+    streams: dict[str, bytes] = {}
+    readers = [
+        threading.Thread(target=lambda n=n, f=f: streams.__setitem__(n, f.read()))
+        for n, f in (("out", proc.stdout), ("err", proc.stderr))
+    ]
+    for reader in readers:
+        reader.start()
+    timer = threading.Timer(60, proc.kill)
+    timer.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    for reader in readers:
+        reader.join()
+    proc.stdout.close()
+    proc.stderr.close()
+    out, err = (streams[n].decode(errors="replace") for n in ("out", "err"))
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    # ru_maxrss is in kilobytes on Linux
+    return Measured(result, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +337,8 @@ def test_corpus_case_is_refused(
         assert case.unreadable
         pytest.skip("chmod 000 does not stop this user from reading (running as root)")
     outcome = outcomes[case.name]
-    for command, result in (("validate", outcome.validate), ("run", outcome.run)):
+    for command, measured in (("validate", outcome.validate), ("run", outcome.run)):
+        result = measured.result
         streams = result.stdout + result.stderr
         assert result.returncode == 2, f"{command}: {streams}"
         assert "Traceback" not in streams, f"{command}: {streams}"
@@ -238,6 +347,9 @@ def test_corpus_case_is_refused(
             where = f"{outcome.manifest}:{line}" if line is not None else f"{outcome.manifest}"
             assert f"{where}: {field}: " in result.stderr, f"{command}: {result.stderr}"
         assert case.text in result.stderr, f"{command}: {result.stderr}"
+        # Bombs included: refused in well under a second of CPU, in under 200 MB.
+        assert measured.cpu < 1.0, f"{command}: {measured.cpu:.2f} s of CPU"
+        assert measured.max_rss_mb < 200, f"{command}: {measured.max_rss_mb:.0f} MB"
     assert not (outcome.out_dir / "ledger.jsonl").exists()
     assert module_emulator.requests == []
 
