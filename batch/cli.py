@@ -848,6 +848,13 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from batch.report import write_report
 
+    folders = model_folders(args.out_dir)
+    if folders:  # a side-by-side run: one grid of every model's edits
+        from batch.compare import write_comparison
+
+        path = write_comparison(args.out_dir, folders, self_contained=args.self_contained)
+        print(f"wsbatch: comparison of {len(folders)} models written to {path}")
+        return 0
     path = write_report(args.out_dir, self_contained=args.self_contained)
     print(f"wsbatch: report written to {path}")
     return 0

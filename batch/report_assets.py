@@ -432,3 +432,347 @@ window.wsbatchReady = performance.now();
 document.body.setAttribute("data-ready", "1");
 })();
 """
+
+# The side-by-side page (batch.compare): the report's stylesheet plus these rules.
+COMPARE_CSS = """
+.sticky{position:sticky;top:0;z-index:2;background:var(--bg);padding-bottom:6px}
+.sticky .controls{position:static}
+.cmp-head,.line{display:grid;grid-template-columns:170px repeat(var(--n,2),minmax(180px,1fr));
+gap:10px}
+.cmp-head>div{background:var(--card);border:1px solid var(--line);border-radius:8px;
+padding:6px 10px;font-size:12.5px;color:var(--muted);overflow-wrap:anywhere}
+.cmp-head .mid{font-weight:650;color:var(--fg);font-size:13.5px}
+.cmp-head .money{color:var(--fg);font-weight:600}
+.cmp-head .bad{color:var(--bad);font-weight:600}
+.line{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:10px;
+margin-bottom:8px}
+.line.target{outline:3px solid var(--accent)}
+.line .orig{overflow-wrap:anywhere;min-width:0}
+.line .prompt{font-size:12.5px;max-height:6em}
+.cell{min-width:0;padding:6px;border:1px solid var(--line);border-radius:6px}
+.cell.failed{background:#fff7f7;border-color:#fecaca}
+.cell.missing{border-style:dashed;color:var(--muted);display:flex;align-items:center;
+justify-content:center}
+.cell .outs{max-width:none}.cell .small{margin-top:4px}
+.line .tile{width:160px;height:160px}
+"""
+
+COMPARE_SCRIPT = r"""
+(function () {
+"use strict";
+var D = JSON.parse(document.getElementById("wsbatch-data").textContent);
+var lines = D.lines, groups = D.groups, causes = D.causes, models = D.models;
+var PAGE = 40, N = models.length;
+var ORDER = {"failed": 0, "in flight": 1, "not started": 2, "completed": 3};
+var byId = Object.create(null), sorted = Object.create(null);
+var state = {q: "", show: "", sort: "id", page: 0};
+var shown = [], lbItems = [], lbAt = -1;
+
+function $(id) { return document.getElementById(id); }
+function el(tag, cls, text) {
+  var e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  return e;
+}
+function has(o, k) { return o != null && Object.prototype.hasOwnProperty.call(o, k); }
+function thumbUrl(dir, name) {
+  if (name == null) return null;
+  if (D.embedded) return has(D.embedded, name) ? D.embedded[name] : null;
+  return dir == null ? null : dir + name;
+}
+// Our links are relative paths (no scheme) or http(s) URLs; nothing else is followed.
+function safe(href) {
+  if (typeof href !== "string" || !href) return null;
+  return /^https?:\/\//i.test(href) || !/^[^\/?#]*:/.test(href) ? href : null;
+}
+function secs(v) {
+  if (v == null) return "\u2013";
+  if (v < 10) return v.toFixed(2) + " s";
+  return v < 600 ? v.toFixed(1) + " s" : (v / 60).toFixed(1) + " min";
+}
+function cmp(a, b) { return a < b ? -1 : a > b ? 1 : 0; }
+
+lines.forEach(function (l, i) {
+  l.ix = i;
+  byId[l.id] = l;
+  var hay = [l.id, l.p || "", groups[l.g][0] || ""], worst = 3, slow = null, fast = null;
+  var sts = [];
+  l.c.forEach(function (c) {
+    if (!c) { sts.push("missing"); worst = Math.min(worst, 2); return; }
+    sts.push(c.st);
+    if (c.id) { hay.push(c.id); byId[c.id] = l; }
+    (c.o || []).forEach(function (o) { hay.push(o[0]); });
+    worst = Math.min(worst, ORDER[c.st]);
+    if (c.lat != null) {
+      slow = slow == null ? c.lat : Math.max(slow, c.lat);
+      fast = fast == null ? c.lat : Math.min(fast, c.lat);
+    }
+  });
+  l.hay = hay.join("\n").toLowerCase();
+  l.worst = worst; l.slow = slow; l.fast = fast;
+  l.failed = sts.indexOf("failed") >= 0;
+  l.ok = sts.every(function (s) { return s === "completed"; });
+  l.differ = sts.some(function (s) { return s !== sts[0]; });
+  l.missing = sts.some(function (s) { return s !== "completed" && s !== "failed"; });
+});
+
+var SORTS = {
+  id: function (a, b) { return cmp(a.id, b.id); },
+  name: function (a, b) {
+    return cmp(groups[a.g][0] || "", groups[b.g][0] || "") || cmp(a.id, b.id);
+  },
+  attention: function (a, b) { return a.worst - b.worst || cmp(a.id, b.id); },
+  slow: function (a, b) {
+    return (b.slow == null ? -1 : b.slow) - (a.slow == null ? -1 : a.slow) || cmp(a.id, b.id);
+  },
+  fast: function (a, b) {
+    return (a.fast == null ? Infinity : a.fast) - (b.fast == null ? Infinity : b.fast) ||
+      cmp(a.id, b.id);
+  }
+};
+function order(key) {
+  if (!sorted[key]) sorted[key] = lines.slice().sort(SORTS[key] || SORTS.id);
+  return sorted[key];
+}
+
+// "a model failed", then one "<model> failed" per model.
+var show = $("f-show"), after = show.options[2];
+models.forEach(function (m, i) {
+  var o = el("option", null, "rows where " + m.id + " failed");
+  o.value = "failed:" + i;
+  show.insertBefore(o, after);
+});
+
+function matches(l, terms) {
+  var s = state.show;
+  if (s === "failed" && !l.failed) return false;
+  if (s === "ok" && !l.ok) return false;
+  if (s === "differ" && !l.differ) return false;
+  if (s === "missing" && !l.missing) return false;
+  if (s.slice(0, 7) === "failed:") {
+    var c = l.c[Number(s.slice(7))];
+    if (!c || c.st !== "failed") return false;
+  }
+  for (var i = 0; i < terms.length; i++) if (l.hay.indexOf(terms[i]) < 0) return false;
+  return true;
+}
+
+function compute() {
+  var terms = state.q.toLowerCase().split(/\s+/).filter(Boolean);
+  shown = order(state.sort).filter(function (l) { return matches(l, terms); });
+}
+
+function head() {
+  var box = $("cmp-head");
+  box.style.setProperty("--n", String(N));
+  box.textContent = "";
+  box.appendChild(el("div", "mid", "original"));
+  models.forEach(function (m) {
+    var d = el("div", "model");
+    d.appendChild(el("div", "mid", m.id));
+    var line = el("div");
+    line.appendChild(el("span", "money", m.spendText));
+    line.appendChild(document.createTextNode(" \u00b7 " + m.tasks +
+      (m.tasks === 1 ? " task" : " tasks")));
+    d.appendChild(line);
+    var counts = el("div");
+    counts.appendChild(document.createTextNode(m.completed + " completed \u00b7 "));
+    counts.appendChild(el("span", m.failed ? "bad" : "", m.failed + " failed"));
+    if (m.inFlight) {
+      counts.appendChild(document.createTextNode(" \u00b7 " + m.inFlight + " in flight"));
+    }
+    d.appendChild(counts);
+    d.appendChild(el("div", null, "median latency " + secs(m.median)));
+    box.appendChild(d);
+  });
+}
+
+function tile(thumb, full, caption, nsfw) {
+  var href = safe(full);
+  if (!thumb && !href) return el("div", "tile none", "no image");
+  var b = el("button", "tile" + (nsfw ? " nsfw" : ""));
+  b.type = "button";
+  b.title = caption;
+  if (thumb) {
+    var img = el("img");
+    img.loading = "lazy"; img.decoding = "async"; img.width = 160; img.height = 160;
+    img.alt = caption; img.src = thumb;
+    b.appendChild(img);
+  } else {
+    b.appendChild(document.createTextNode("no thumbnail"));
+  }
+  b.setAttribute("data-lb", String(lbItems.length));
+  lbItems.push({thumb: thumb, full: href, caption: caption, nsfw: !!nsfw});
+  return b;
+}
+
+function inputTile(g, caption) {
+  var href = safe(g[1]);
+  if (g[3] && href) {  // a remote input: a link, never loaded by the page itself
+    var a = el("a", "tile none", "remote input \u2197");
+    a.href = href; a.target = "_blank"; a.rel = "noopener noreferrer"; a.title = g[0] || "";
+    return a;
+  }
+  return tile(thumbUrl(D.thumbDir, g[2]), g[1], caption, false);
+}
+
+function renderCell(l, c, m) {
+  var model = models[m];
+  if (!c) return el("div", "cell missing", "not in " + model.folder);
+  var d = el("div", "cell " + c.st.replace(" ", "-")), outs = el("div", "outs");
+  var rid = c.id || l.id;
+  if (c.o && c.o.length) {
+    c.o.forEach(function (o) {
+      var cap = model.id + " \u00b7 " + rid + (c.o.length > 1 ? " \u00b7 " + o[0] : "") +
+        (o[2] ? " \u00b7 NSFW" : "") + (l.p ? "\n" + l.p : "");
+      var full = model.dir == null ? null : model.dir + encodeURIComponent(o[0]);
+      outs.appendChild(tile(thumbUrl(model.thumbDir, o[1]), full, cap, o[2]));
+    });
+  } else {
+    outs.appendChild(el("div", "tile none", c.st === "completed" ? "no output" : c.st));
+  }
+  d.appendChild(outs);
+  var h = el("div", "head");
+  h.appendChild(el("span", "pill " + c.st.replace(" ", "-"), c.st));
+  var facts = ["latency " + secs(c.lat)];
+  if (c.seed != null) facts.push("seed " + c.seed);
+  if (c.id) facts.push(c.id);
+  h.appendChild(el("span", "small", facts.join(" \u00b7 ")));
+  d.appendChild(h);
+  if (c.st === "failed" && c.c != null) {
+    var cause = causes[c.c], err = el("div", "err");
+    err.appendChild(el("code", "code", cause.code));
+    err.appendChild(document.createTextNode(" " + cause.msg));
+    d.appendChild(err);
+  }
+  return d;
+}
+
+function renderLine(l) {
+  var g = groups[l.g], art = el("article", "line"), orig = el("div", "orig");
+  art.id = "row-" + l.id;
+  art.style.setProperty("--n", String(N));
+  orig.appendChild(inputTile(g, "input: " + (g[0] || "input") + " \u00b7 " + l.id +
+    (l.p ? "\n" + l.p : "")));
+  var a = el("a", "rid", l.id);
+  a.href = "#row-" + encodeURIComponent(l.id);
+  orig.appendChild(el("div", "name", g[0] || "input not in the ledger"));
+  orig.appendChild(a);
+  if (l.p != null) orig.appendChild(el("div", "prompt", l.p));
+  art.appendChild(orig);
+  l.c.forEach(function (c, m) { art.appendChild(renderCell(l, c, m)); });
+  return art;
+}
+
+function pager(box, pages) {
+  box.textContent = "";
+  var n = shown.length;
+  box.appendChild(el("span", "count", n + (n === 1 ? " row" : " rows") + " \u00d7 " + N +
+    " models"));
+  if (pages < 2) return;
+  var prev = el("button", "prev", "\u2039 previous"), next = el("button", "next", "next \u203a");
+  prev.type = next.type = "button";
+  prev.disabled = state.page === 0;
+  next.disabled = state.page >= pages - 1;
+  prev.onclick = function () { go(state.page - 1); };
+  next.onclick = function () { go(state.page + 1); };
+  box.appendChild(prev);
+  box.appendChild(el("span", "where", "page " + (state.page + 1) + " of " + pages));
+  box.appendChild(next);
+}
+
+function render() {
+  var pages = Math.max(1, Math.ceil(shown.length / PAGE));
+  state.page = Math.min(Math.max(state.page, 0), pages - 1);
+  lbItems = [];
+  var box = $("lines"), frag = document.createDocumentFragment();
+  shown.slice(state.page * PAGE, (state.page + 1) * PAGE).forEach(function (l) {
+    frag.appendChild(renderLine(l));
+  });
+  box.textContent = "";
+  if (!shown.length) box.appendChild(el("p", "muted", lines.length ? "No row matches." :
+    "No row events in the ledgers yet."));
+  box.appendChild(frag);
+  pager($("pager-top"), pages);
+  pager($("pager-bottom"), pages);
+}
+
+function update() { compute(); state.page = 0; render(); }
+function go(page) { state.page = page; render(); $("rows").scrollIntoView(); }
+
+show.addEventListener("change", function () { state.show = show.value; update(); });
+$("sort").addEventListener("change", function () { state.sort = $("sort").value; update(); });
+var timer = 0;
+function typed() {
+  clearTimeout(timer);
+  timer = setTimeout(function () {
+    if ($("q").value.trim() !== state.q) { state.q = $("q").value.trim(); update(); }
+  }, 120);
+}
+$("q").addEventListener("input", typed);
+$("q").addEventListener("search", typed);
+function reset() {
+  $("q").value = ""; show.value = ""; $("sort").value = "id";
+  state = {q: "", show: "", sort: "id", page: 0};
+  update();
+}
+$("reset").addEventListener("click", reset);
+
+// A link to #row-ID (any model's id of the row) shows its line.
+function reveal() {
+  var id = "";
+  try { id = decodeURIComponent(location.hash.slice(1)); } catch (e) { return; }
+  if (id.slice(0, 4) !== "row-" || !byId[id.slice(4)]) return;
+  var l = byId[id.slice(4)], at = shown.indexOf(l);
+  if (at < 0) { reset(); at = shown.indexOf(l); }
+  if (at < 0) return;
+  state.page = Math.floor(at / PAGE);
+  render();
+  var node = document.getElementById("row-" + l.id);
+  if (node) { node.classList.add("target"); node.scrollIntoView({block: "center"}); }
+}
+window.addEventListener("hashchange", reveal);
+
+var lb = $("lightbox"), lbImg = lb.querySelector("img"), lbCap = lb.querySelector("figcaption");
+function openLb(i) {
+  if (i < 0 || i >= lbItems.length) return;
+  lbAt = i;
+  var it = lbItems[i];
+  lb.hidden = false;
+  lbImg.className = it.nsfw ? "nsfw" : "";
+  lbImg.alt = it.caption;
+  lbCap.textContent = it.caption + (it.nsfw ? "\n(flagged NSFW: click the image to show it)" : "");
+  lbImg.src = it.thumb || it.full;
+  // The full-size file when it is there (it is not in a mailed copy): the thumbnail stays.
+  if (it.full && it.thumb) {
+    var full = new Image();
+    full.onload = function () { if (lbAt === i) lbImg.src = it.full; };
+    full.src = it.full;
+  }
+}
+function closeLb() { lb.hidden = true; lbAt = -1; lbImg.removeAttribute("src"); }
+$("lines").addEventListener("click", function (e) {
+  var t = e.target.closest ? e.target.closest("[data-lb]") : null;
+  if (t) openLb(Number(t.getAttribute("data-lb")));
+});
+lb.addEventListener("click", function (e) {
+  if (e.target === lbImg) { lbImg.classList.remove("nsfw"); return; }
+  if (e.target.closest(".lb-prev")) return openLb(lbAt - 1);
+  if (e.target.closest(".lb-next")) return openLb(lbAt + 1);
+  if (e.target === lb || e.target.closest(".lb-close")) closeLb();
+});
+document.addEventListener("keydown", function (e) {
+  if (lb.hidden) return;
+  if (e.key === "Escape") closeLb();
+  else if (e.key === "ArrowLeft") openLb(lbAt - 1);
+  else if (e.key === "ArrowRight") openLb(lbAt + 1);
+});
+
+head();
+update();
+reveal();
+window.wsbatchReady = performance.now();
+document.body.setAttribute("data-ready", "1");
+})();
+"""

@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/screenshot_report.py [OUT_DIR] [--png docs/report.png]
 
-OUT_DIR defaults to output/example; when it has no ledger yet, the demo
+OUT_DIR may be the root of a side-by-side run (`--model A --model B`): then the page
+is the comparison grid. OUT_DIR defaults to output/example; when it has no ledger yet, the demo
 (scripts/demo.sh: the example manifest against the local emulator) creates it
 first. Needs `chromium` and `chromedriver` on PATH (Debian: apt-get install
 chromium chromium-driver); selenium is given both paths so it never downloads
@@ -26,6 +27,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 
+from batch.cli import model_folders  # noqa: E402
+from batch.compare import write_comparison  # noqa: E402
 from batch.ledger import ledger_paths  # noqa: E402
 from batch.report import write_report  # noqa: E402
 
@@ -79,7 +82,8 @@ def screenshot(report: Path, png: Path, full_page: bool) -> None:
             )
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and not browser.execute_script(
-                "return [...document.querySelectorAll('#groups img')].every(i => i.complete)"
+                "return [...document.querySelectorAll('#groups img, #lines img')]"
+                " .every(i => i.complete)"
                 " && document.readyState === 'complete'"
             ):
                 time.sleep(0.05)
@@ -96,11 +100,12 @@ def main() -> int:
     parser.add_argument("--png", type=Path, default=ROOT / "docs" / "report.png")
     parser.add_argument("--first-screen", action="store_true", help="only the first 900 px")
     args = parser.parse_args()
-    if not ledger_paths(args.out_dir):
+    folders = model_folders(args.out_dir)
+    if not ledger_paths(args.out_dir) and not folders:
         if args.out_dir.resolve() != (ROOT / "output" / "example").resolve():
             sys.exit(f"{args.out_dir} has no ledger")
         subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], check=True)
-    report = write_report(args.out_dir)
+    report = write_comparison(args.out_dir, folders) if folders else write_report(args.out_dir)
     screenshot(report, args.png, full_page=not args.first_screen)
     print(f"report: {report}\nscreenshot: {args.png}")
     return 0
