@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from batch.client import Client
 from batch.manifest import Row
+
+if TYPE_CHECKING:
+    from batch.client import Client
 
 # A manifest naming more models than this is priced at --price beyond them: asking costs
 # a request each, and such a manifest is a sweep that the estimate only sketches.

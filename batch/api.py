@@ -20,33 +20,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from batch.account import Estimate, Prices, estimate, live_prices
+from batch.account import Estimate, estimate, live_prices
 from batch.audit import Audit, audit
-from batch.client import DEFAULT_BASE_URL, Client, check_base_url
-from batch.errors import AuthError, ManifestError, UsageError
+from batch.client import Client
+from batch.errors import AuthError, UsageError
 from batch.export import METADATA_NAME, write_metadata
+from batch.folder import default_out_dir
 from batch.ledger import ledger_name, ledger_paths, read_ledgers
 from batch.lock import OutDirLock
-from batch.manifest import Manifest, Row, load_manifest, shard_of
-from batch.models import known as known_models
-from batch.models import schema_problems
+from batch.manifest import Manifest, load_manifest, shard_of
 from batch.options import check_zero_backoff, default_poll_floor, default_settle_delay
-from batch.outputs import existing_files
+from batch.plan import check_schemas, plan_manifest
 from batch.runner import (
     PlanCallback,
     ProgressCallback,
     Runner,
     RunOptions,
     Summary,
-    check_owner,
 )
-from batch.state import Action, LedgerState, RowState, RowStatus, count_actions, plan_row
+from batch.state import LedgerState, RowState, RowStatus
+from batch.urls import DEFAULT_BASE_URL, check_base_url, resolve_base_url
 
 P = ParamSpec("P")
 T = TypeVar("T")
 SHARD_INDEX_VARIABLES = ("JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX")
 KEY_ENV = "WAVESPEED_API_KEY"
-BASE_URL_ENV = "WAVESPEED_BASE_URL"
 
 __all__ = [
     "Audit",
@@ -210,24 +208,6 @@ def _resolve_key(api_key: str | None) -> _Key:
     return _Key(key)
 
 
-def resolve_base_url(base_url: str | None, source: str = "base_url") -> str:
-    """``base_url`` when given (``source`` names it in messages), else WAVESPEED_BASE_URL
-    when set, else the vendor's; checked either way."""
-    if base_url is not None:
-        return check_base_url(base_url, source)
-    from_env = os.environ.get(BASE_URL_ENV, "")
-    if from_env.strip():
-        return check_base_url(from_env, BASE_URL_ENV)
-    return check_base_url(DEFAULT_BASE_URL)
-
-
-def default_out_dir(manifest: Manifest) -> Path:
-    configured = manifest.settings.get("out")
-    if configured:
-        return (manifest.path.parent / str(configured)).resolve()
-    return Path("output") / manifest.path.stem
-
-
 async def run_manifest_async(
     manifest: Manifest | str | os.PathLike[str],
     *,
@@ -301,38 +281,6 @@ async def run_manifest_async(
     return summary
 
 
-def check_schemas(manifest: Manifest) -> None:
-    """Every row's params against its model's schema (cached or bundled), before any
-    request: a field the model does not take is a paid task that fails."""
-    problems = schema_problems(manifest.rows, known_models())
-    if problems:
-        raise ManifestError(problems)
-
-
-def _plans(
-    manifest: Manifest, out_dir: Path, retry_failed: bool
-) -> tuple[dict[str, int], float, list[Row]]:
-    check_schemas(manifest)
-    check_owner(out_dir, manifest)
-    state = read_ledgers(ledger_paths(out_dir), keep_last=False)
-    files = existing_files(out_dir)
-    hold_all = state.damage_unattributed
-    plans = [
-        (row, plan_row(state.rows.get(row.id), row.fingerprint, files, retry_failed, hold_all))
-        for row in manifest.rows
-    ]
-    to_submit = [row for row, plan in plans if plan.action is Action.SUBMIT]
-    return count_actions(plan for _, plan in plans), state.spend, to_submit
-
-
-def estimate_offline(
-    manifest: Manifest, out_dir: Path, retry_failed: bool, price: float
-) -> Estimate:
-    """The plan and its cost at ``price``, from the folder's ledgers alone."""
-    counts, spent, to_submit = _plans(manifest, out_dir, retry_failed)
-    return estimate(counts, spent, to_submit, Prices(price), None)
-
-
 async def estimate_manifest_async(
     manifest: Manifest,
     *,
@@ -346,7 +294,9 @@ async def estimate_manifest_async(
     check_zero_backoff()
     url = resolve_base_url(base_url)
     key = _resolve_key(api_key)
-    counts, spent, to_submit = await asyncio.to_thread(_plans, manifest, out_dir, retry_failed)
+    counts, spent, to_submit = await asyncio.to_thread(
+        plan_manifest, manifest, out_dir, retry_failed
+    )
     async with Client(url, key.value, connections=4) as client:
         prices, balance = await asyncio.gather(
             live_prices(client, to_submit, price), client.balance()

@@ -20,23 +20,12 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from batch import __version__
 from batch.account import Estimate, describe, shortfall
-from batch.api import (
-    audit_async,
-    check_api_key,
-    default_out_dir,
-    estimate_manifest_async,
-    estimate_offline,
-    fetch_models_async,
-    parse_shard,
-    resolve_base_url,
-    run_manifest_async,
-)
-from batch.client import DEFAULT_BASE_URL
 from batch.errors import BatchError, UsageError
+from batch.folder import default_out_dir
 from batch.ledger import LEDGER_NAME, ledger_name, ledger_paths, read_ledgers
 from batch.lock import LOCK_NAME, holders
 from batch.manifest import (
@@ -47,9 +36,13 @@ from batch.manifest import (
     load_manifest,
     manifest_from_args,
 )
+from batch.plan import estimate_offline
 from batch.redact import redact_text
-from batch.runner import Progress, Summary
 from batch.state import RowStatus
+from batch.urls import DEFAULT_BASE_URL, resolve_base_url
+
+if TYPE_CHECKING:
+    from batch.runner import Progress, Summary
 
 DEFAULT_PRICE = 0.024
 LOG_INTERVAL = 10.0
@@ -348,6 +341,8 @@ def _api_key(args: argparse.Namespace) -> str | None:
         raise UsageError(f"cannot read --api-key-file {args.api_key_file}: {reason}") from None
     if not key:
         raise UsageError(f"--api-key-file {args.api_key_file} is empty")
+    from batch.api import check_api_key  # the HTTP stack only for commands that use it
+
     check_api_key(key, f"--api-key-file {args.api_key_file}")
     return key
 
@@ -395,6 +390,8 @@ def _validate_one(args: argparse.Namespace, manifest: Manifest, out_dir: Path) -
     _check_out_dir(args, out_dir, LEDGER_NAME)
     if args.online:
         base_url = resolve_base_url(args.base_url, "--base-url")
+        from batch.api import estimate_manifest_async
+
         plan = asyncio.run(
             estimate_manifest_async(
                 manifest,
@@ -571,6 +568,8 @@ def _run_one(
 ) -> Summary:
     # The rows live until exit: keep full collections from walking them again and again.
     gc.freeze()
+    from batch.api import parse_shard, run_manifest_async
+
     shard = parse_shard(args.shard, args.shards)
     _check_out_dir(args, out_dir, ledger_name(shard))
     price = _setting(args, manifest, "price", DEFAULT_PRICE)
@@ -796,6 +795,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     if args.refresh:
         base_url = resolve_base_url(args.base_url, "--base-url")
+        from batch.api import fetch_models_async
+
         fetched = asyncio.run(fetch_models_async(api_key=_api_key(args), base_url=base_url))
         if not models.parse_catalogue(fetched):
             raise UsageError("the API's model catalogue holds no model with a request schema")
@@ -834,6 +835,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if not ledger_paths(args.out_dir):
         raise UsageError(f"{args.out_dir} has no ledger: not a wsbatch output folder")
     base_url = resolve_base_url(args.base_url, "--base-url")
+    from batch.api import audit_async
+
     result = asyncio.run(
         audit_async(args.out_dir, api_key=_api_key(args), base_url=base_url, adopt=args.adopt)
     )

@@ -22,14 +22,8 @@ import aiohttp
 from batch.errors import ApiError, OutputError, PredictionGone, TaskFailed
 from batch.fetch import DEFAULT_MAX_DOWNLOAD, OutputFetcher
 from batch.metrics import Metrics
-from batch.transport import (
-    DEFAULT_BASE_URL,
-    MAX_JSON_BYTES,
-    Timeouts,
-    Transport,
-    check_base_url,
-    transport_error,
-)
+from batch.transport import MAX_JSON_BYTES, Timeouts, Transport, transport_error
+from batch.urls import DEFAULT_BASE_URL, check_base_url
 
 __all__ = [
     "DEFAULT_BASE_URL",

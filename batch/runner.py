@@ -22,16 +22,16 @@ from typing import Any
 from batch import __version__
 from batch.account import Estimate, Prices, estimate, live_prices
 from batch.client import Client
-from batch.errors import AuthError, UsageError
+from batch.errors import AuthError
 from batch.events import Failed, Finished, RunStarted
 from batch.files import remove_temp_files
+from batch.folder import check_owner, manifest_file
 from batch.job import Job, Resources, request_fields
 from batch.ledger import (
     LEDGER_NAME,
     LedgerWriter,
     OtherLedgers,
     cut_torn_tail,
-    first_manifest,
     ledger_paths,
     read_ledger,
 )
@@ -456,29 +456,6 @@ class Runner:
             stop_reason=stop.reason,
             exit_code=exit_code,
         )
-
-
-def manifest_file(manifest: Manifest) -> str | None:
-    """The manifest's absolute path, or None when it stands for command-line flags."""
-    path = manifest.path
-    return str(path.resolve()) if path.is_file() else None
-
-
-def check_owner(out_dir: Path, manifest: Manifest) -> None:
-    """A folder holds one manifest's rows: another manifest's run there would overwrite
-    its outputs (same row ids) and pay for rows that are done. Refused before anything
-    is sent; a manifest that moved (its old path gone) keeps its folder."""
-    mine = manifest_file(manifest)
-    if mine is None:
-        return
-    for path in ledger_paths(out_dir):
-        owner = first_manifest(path)
-        if owner is not None and owner != mine and Path(owner).exists():
-            raise UsageError(
-                f"{out_dir} holds the rows of {owner}; running {manifest.path} there would "
-                "overwrite its outputs. Give this manifest its own folder with --out (or "
-                "`out:` in the manifest)"
-            )
 
 
 def _chain(*parts: Iterator[tuple[Row, Plan]]) -> Iterator[tuple[Row, Plan]]:
