@@ -375,6 +375,9 @@ def _check_out_dir(args: argparse.Namespace, out_dir: Path, ledger: str) -> None
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     models = _models(args)
+    if models == [None]:
+        listed = _load(args, None).settings.get("models")
+        models = list(listed) if listed else models
     root: Path | None = None
     for model in models:
         manifest = _load(args, model)
@@ -532,8 +535,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     models = _models(args)
     if len(models) == 1:
         manifest = _load(args, models[0])
-        summary = _run_one(args, manifest, _out_dir(args, manifest), None, "")
-        return summary.exit_code
+        listed = manifest.settings.get("models") if models[0] is None else None
+        if not listed or len(listed) == 1:
+            model = listed[0] if listed else None
+            if model is not None and model != manifest.model:
+                manifest = _load(args, model)
+            summary = _run_one(args, manifest, _out_dir(args, manifest), None, "")
+            return summary.exit_code
+        models = list(listed)  # `models:` in the manifest: side by side
     # Side by side: every row on each model, one subfolder and one ledger per model, one
     # model after another; --budget spans them all.
     first = _load(args, models[0])

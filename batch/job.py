@@ -82,15 +82,15 @@ class Resources:
 
 
 def request_payload(
-    row: Row, image: str, seed: int, model: ModelInfo | None = None
+    row: Row, images: list[str], seed: int, model: ModelInfo | None = None
 ) -> dict[str, Any]:
-    """What is sent. The model's schema, where known, says where the image goes
+    """What is sent. The model's schema, where known, says where the images go
     (``image``, or ``images`` as a list) and whether it takes a seed and a format."""
     payload: dict[str, Any] = {**row.params, "prompt": row.prompt}
     if model is not None and model.image_field == "images":
-        payload["images"] = [image]
+        payload["images"] = images
     else:
-        payload["image"] = image
+        payload["image"] = images[0]
     if takes(model, "seed"):
         payload["seed"] = seed
     if takes(model, "output_format"):
@@ -221,13 +221,15 @@ class Job:
 
     async def _submit(self) -> str:
         res, row = self.res, self.row
+        images: list[str] = []
         with res.stop.interruptible():
-            image = row.image
-            if row.image_path is not None:
-                image = await res.uploads.url_for(
-                    row.image_path, row.image, self._retry("upload", res.options.retries)
-                )
-        payload = request_payload(row, image, self.seed, self.model)
+            for ref, path in row.inputs:
+                if path is None:
+                    images.append(ref)
+                else:
+                    retry = self._retry("upload", res.options.retries)
+                    images.append(await res.uploads.url_for(path, ref, retry))
+        payload = request_payload(row, images, self.seed, self.model)
         return await retrying(
             lambda: self._send(payload),
             what="submit",

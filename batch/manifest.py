@@ -56,7 +56,7 @@ _PLAIN_FIELDS = frozenset({"id", "image", "prompt", "seed", "output_format"})
 _SEED_TEXT = re.compile(r"-?[0-9]{1,20}")
 DEFAULT_FIELDS = ("seed", "output_format", "params", "repeat", "prompt", "meta")
 SETTING_FIELDS = ("concurrency", "rate", "timeout", "retries", "budget", "price", "out")
-TOP_FIELDS = ("model", "defaults", "rows", *SETTING_FIELDS)
+TOP_FIELDS = ("model", "models", "defaults", "rows", *SETTING_FIELDS)
 CSV_COLUMNS = ("id", "image", "prompt", "seed", "output_format", "repeat")
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 RESERVED_PARAMS = ("prompt", "image", "seed", "output_format")
@@ -64,6 +64,9 @@ RESERVED_PARAMS = ("prompt", "image", "seed", "output_format")
 # Limits no real manifest reaches; past them a file is refused at once, before it can
 # cost minutes or gigabytes (alias bombs, a three-line product of a billion rows).
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+MAX_MODELS = 10  # models side by side in one manifest
+CSV_IMAGE_SEPARATOR = "|"  # several input images of one task in one CSV cell
+MAX_INPUTS = 10  # input images of one task, the most any multi-image model takes
 MAX_ROWS = 1_000_000  # tasks, counted after images x prompts x seeds x repeat
 MAX_DEPTH = 20  # nesting of YAML collections, and of JSON inside params and meta
 MAX_ALIAS_CHARS = 64 * 1024 * 1024  # what YAML aliases expand to, all together
@@ -86,10 +89,18 @@ class Row:
     fingerprint: str
     source: str
     image_path: Path | None = None
+    # Further input images of one task (``image: [a.png, b.png]``), for models that take
+    # a list; ``image``/``image_path`` are the first.
+    extra_images: tuple[tuple[str, Path | None], ...] = ()
 
     @property
     def is_url(self) -> bool:
         return self.image_path is None
+
+    @property
+    def inputs(self) -> tuple[tuple[str, Path | None], ...]:
+        """Every input image of the task, the first one first."""
+        return ((self.image, self.image_path), *self.extra_images)
 
 
 @dataclass(frozen=True, slots=True)
@@ -602,13 +613,17 @@ class _Builder:
             repeat = 1
 
         # Check every value even when something else is wrong: report all problems at once.
-        checked_images: list[tuple[str, Path | None]] = []
+        checked_images: list[tuple[tuple[str, Path | None], ...]] = []
         if images is not None:
             image_line, image_field = where(images[0])
-            for ref in images[1]:
-                image_path = self._check_image(ref, image_line, image_field)
-                if image_path is None or isinstance(image_path, Path):
-                    checked_images.append((ref, image_path))
+            for value in images[1]:
+                group = []
+                for ref in value if isinstance(value, list) else [value]:
+                    image_path = self._check_image(ref, image_line, image_field)
+                    if image_path is None or isinstance(image_path, Path):
+                        group.append((ref, image_path))
+                if group:
+                    checked_images.append(tuple(group))
         checked_prompts: list[str] = []
         if prompts is not None:
             for text in prompts[1]:
@@ -660,7 +675,8 @@ class _Builder:
                 )
                 continue
             raw, explicit_id, images, prompts, seeds, repeat, fmt, params, meta = plan
-            for image_ref, image_path in images:
+            for group in images:
+                (image_ref, image_path), extra = group[0], group[1:]
                 for prompt in prompts:
                     for seed in seeds:
                         for _ in range(repeat):
@@ -674,6 +690,7 @@ class _Builder:
                                 fmt,
                                 params,
                                 meta,
+                                extra,
                             )
         self._plans.clear()
 
@@ -701,8 +718,11 @@ class _Builder:
         fmt: str,
         params: Mapping[str, Any],
         meta: Mapping[str, Any],
+        extra: tuple[tuple[str, Path | None], ...] = (),
     ) -> None:
-        digest = _request_hash(self.model, image, prompt, seed, fmt, dict(params))
+        # One input keeps the hash (and so the derived id) it always had.
+        key = image if not extra else json.dumps([image, *(ref for ref, _ in extra)])
+        digest = _request_hash(self.model, key, prompt, seed, fmt, dict(params))
         self.rows.append(
             Row(
                 id=explicit_id or self._derived_id(digest),
@@ -716,6 +736,7 @@ class _Builder:
                 fingerprint=digest[:32],
                 source=f"{self.source}:{raw.line}" if raw.line else self.source,
                 image_path=image_path,
+                extra_images=extra,
             )
         )
 
@@ -799,6 +820,15 @@ class _Builder:
             values = self._expand_images(value, line)
         elif chosen == many:
             values = self._list(value, line, name)
+        elif one == "image" and isinstance(value, list):
+            # Several inputs of one task (multi-image models): one value, a list.
+            if not 1 <= len(value) <= MAX_INPUTS or not all(
+                isinstance(v, str) and v.strip() for v in value
+            ):
+                self.problem(line, name, f"must list 1..{MAX_INPUTS} non-empty paths or URLs")
+                values = None
+            else:
+                values = [list(value)]
         elif one == "image" and not (isinstance(value, str) and value.strip()):
             self.problem(line, name, "must be a non-empty path or URL")
             values = None
@@ -1189,6 +1219,10 @@ def _csv_rows(path: Path, text: str) -> tuple[list[_RawRow], list[Problem]]:
             elif value.strip() != "":
                 if name != "prompt":  # "a.png, put a hat on" leaves a space before the path
                     value = value.strip()
+                if name == "image" and CSV_IMAGE_SEPARATOR in value:
+                    # Several inputs of one task in one cell: a.png|b.png
+                    fields[name] = [v.strip() for v in value.split(CSV_IMAGE_SEPARATOR)]
+                    continue
                 fields[name] = _csv_int(value) if name == "repeat" else value
         if meta:
             fields["meta"] = meta
@@ -1277,6 +1311,19 @@ def _load_manifest(path: Path, model: str | None, max_image_bytes: int) -> Manif
     defaults = {k: v for k, v in defaults.items() if k in DEFAULT_FIELDS}
     settings = {k: top[k] for k in SETTING_FIELDS if k in top}
     problems += _check_settings(path, settings, lines)
+    if "models" in top:
+        # Every row on each model, side by side (the CLI's --model repeated).
+        chosen = top["models"]
+        if (
+            isinstance(chosen, list)
+            and 1 <= len(chosen) <= MAX_MODELS
+            and all(_valid_model(m) for m in chosen)
+            and len(set(chosen)) == len(chosen)
+        ):
+            settings["models"] = list(chosen)
+        else:
+            reason = f"must list 1..{MAX_MODELS} different model ids like 'owner/name'"
+            problems.append(Problem(str(path), lines.get("models"), "models", reason))
 
     builder = _Builder(path, model or manifest_model, max_image_bytes)
     builder.problems.extend(problems)

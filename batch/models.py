@@ -202,6 +202,17 @@ def schema_problems(rows: Iterable[Any], catalogue: Catalogue) -> list[Problem]:
     problems: list[Problem] = []
     for row in rows:
         model = catalogue.get(row.model)
+        inputs = 1 + len(row.extra_images)
+        if inputs > 1 and (model is None or inputs > model.max_images):
+            source, line = _where(row.source)
+            takes = (
+                f"takes at most {model.max_images} input image(s)"
+                if model is not None
+                else "has no cached schema to say it takes several images "
+                "(`wsbatch models --refresh`)"
+            )
+            problems.append(Problem(source, line, "image", f"{inputs} images: {row.model} {takes}"))
+            continue
         if model is None:
             continue
         params = json.dumps(row.params, sort_keys=True, default=str) if row.params else ""

@@ -131,3 +131,50 @@ def test_a_budget_spans_every_model_of_a_side_by_side_run(
     billed = sum(p.price for p in emulator.predictions.values())
     assert billed <= 0.10 + 1e-9 and result.code == 1
     assert len(emulator.predictions) == 4  # four at $0.024: the second model gets none
+
+
+def test_a_multi_image_row_uploads_each_image_once_and_sends_the_list(
+    cli, run, write_manifest, images, emulator, tmp_path
+):
+    """`image: [a, b]` on a multi-image model: one task with both URLs in `images`,
+    each image uploaded once however many rows name it."""
+    assert cli("models", "--refresh", "--base-url", emulator.base_url).code == 0
+    a, b = (f"images/{p.name}" for p in images[:2])
+    rows = [
+        {"id": "both", "image": [a, b], "prompt": "blend them", "seed": 1},
+        {"id": "again", "image": [b, a], "prompt": "the other way", "seed": 2},
+    ]
+    result = run(write_manifest(rows, model="bytedance/seedream-v4/edit"))
+    assert result.code == 0, result.err
+    assert result.summary["uploads"] == 2
+    bodies = {p.body["prompt"]: p.body for p in emulator.predictions.values()}
+    assert len(bodies["blend them"]["images"]) == 2
+    assert bodies["blend them"]["images"] == list(reversed(bodies["the other way"]["images"]))
+
+
+def test_several_images_for_a_single_image_model_fail_validate(cli, write_manifest, images):
+    """A row with two images on a model that takes one: FILE:LINE and the limit, exit 2,
+    nothing sent; CSV cells list images with '|'."""
+    a, b = (f"images/{p.name}" for p in images[:2])
+    path = write_manifest([{"image": f"{a}|{b}", "prompt": "p"}], kind="csv")
+    result = cli("validate", path)
+    assert result.code == 2 and f"{path}:2: image: 2 images" in result.err
+    assert "takes at most 1 input image" in result.err
+
+
+def test_models_in_the_manifest_run_side_by_side(cli, write_manifest, images, emulator, tmp_path):
+    """`models: [A, B]` at the top of a manifest does what --model A --model B does."""
+    assert cli("models", "--refresh", "--base-url", emulator.base_url).code == 0
+    both = ["wavespeed-ai/hidream-e1-full", "bytedance/seedream-v4/edit"]
+    path = write_manifest(simple_rows(images, 3), models=both)
+    out = tmp_path / "cmp"
+    result = cli("run", path, "--base-url", emulator.base_url, "--out", out, "--no-progress")
+    assert result.code == 0, result.err
+    assert sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")) == [
+        "bytedance--seedream-v4--edit",
+        "wavespeed-ai--hidream-e1-full",
+    ]
+    assert len(emulator.predictions) == 6
+    bad = write_manifest(simple_rows(images, 1), name="bad", models=["not a model"])
+    refused = cli("validate", bad)
+    assert refused.code == 2 and "models: must list" in refused.err
