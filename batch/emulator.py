@@ -257,6 +257,55 @@ MODELS: dict[str, ModelSpec] = {
                 ],
             },
         ),
+        ModelSpec(
+            model_id="google/nano-banana/edit",
+            name="Nano Banana Edit",
+            description="Gemini 2.5 Flash Image editing: a prompt and 1 to 10 images.",
+            type="image-to-image",
+            request_schema={
+                "type": "object",
+                "properties": {
+                    "prompt": {"type": "string", "minLength": 1, "description": "The edit."},
+                    "images": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "uri"},
+                        "minItems": 1,
+                        "maxItems": 10,
+                        "description": "Input images.",
+                    },
+                    "output_format": {
+                        "type": "string",
+                        "enum": ["png", "jpeg"],
+                        "default": "png",
+                    },
+                    "enable_base64_output": _flag_schema(_BASE64_DOC),
+                    "enable_sync_mode": _flag_schema(_SYNC_DOC),
+                },
+                "required": ["prompt", "images"],
+            },
+        ),
+        ModelSpec(
+            model_id="wavespeed-ai/qwen-image/edit",
+            name="Qwen Image Edit",
+            description="Instruction-based editing of one input image.",
+            type="image-to-image",
+            request_schema={
+                "type": "object",
+                "properties": {
+                    "prompt": {"type": "string", "minLength": 1, "description": "The edit."},
+                    "image": {"type": "string", "format": "uri", "description": "Input image."},
+                    "seed": _seed_schema(),
+                    "output_format": {
+                        "type": "string",
+                        "enum": list(_FORMATS),
+                        "default": "jpeg",
+                    },
+                    "enable_base64_output": _flag_schema(_BASE64_DOC),
+                    "enable_sync_mode": _flag_schema(_SYNC_DOC),
+                },
+                "required": ["prompt", "image"],
+            },
+        ),
     )
 }
 
@@ -289,7 +338,12 @@ class EmulatorConfig:
     # Price of one task for models not in model_prices.
     price: float = 0.024
     model_prices: dict[str, float] = field(
-        default_factory=lambda: {"bytedance/seedream-v4/edit": 0.027}
+        # Seedream's is the documented price; the other two are illustrative.
+        default_factory=lambda: {
+            "bytedance/seedream-v4/edit": 0.027,
+            "google/nano-banana/edit": 0.038,
+            "wavespeed-ai/qwen-image/edit": 0.025,
+        }
     )
     price_shape: PriceShape = "current"
     enforce_balance: bool = False
