@@ -107,7 +107,52 @@ padding:8px 14px}
 footer{margin-top:24px;color:var(--muted);font-size:12px}
 """
 
-SCRIPT = r"""
+# The lightbox both pages share: images of a list, stepped with the arrow keys; the
+# element whose [data-lb] children open it is named by its id.
+_LIGHTBOX = r"""
+var lb = $("lightbox"), lbImg = lb.querySelector("img"), lbCap = lb.querySelector("figcaption");
+function openLb(i) {
+  if (i < 0 || i >= lbItems.length) return;
+  lbAt = i;
+  var it = lbItems[i];
+  lb.hidden = false;
+  lbImg.className = it.nsfw ? "nsfw" : "";
+  lbImg.alt = it.caption;
+  lbCap.textContent = it.caption + (it.nsfw ? "\n(flagged NSFW: click the image to show it)" : "");
+  lbImg.src = it.thumb || it.full;
+  // The full-size file when it is there (it is not in a mailed copy): the thumbnail stays.
+  if (it.full && it.thumb) {
+    var full = new Image();
+    full.onload = function () { if (lbAt === i) lbImg.src = it.full; };
+    full.src = it.full;
+  }
+}
+function closeLb() { lb.hidden = true; lbAt = -1; lbImg.removeAttribute("src"); }
+$("%CONTAINER%").addEventListener("click", function (e) {
+  var t = e.target.closest ? e.target.closest("[data-lb]") : null;
+  if (t) openLb(Number(t.getAttribute("data-lb")));
+});
+lb.addEventListener("click", function (e) {
+  if (e.target === lbImg) { lbImg.classList.remove("nsfw"); return; }
+  if (e.target.closest(".lb-prev")) return openLb(lbAt - 1);
+  if (e.target.closest(".lb-next")) return openLb(lbAt + 1);
+  if (e.target === lb || e.target.closest(".lb-close")) closeLb();
+});
+document.addEventListener("keydown", function (e) {
+  if (lb.hidden) return;
+  if (e.key === "Escape") closeLb();
+  else if (e.key === "ArrowLeft") openLb(lbAt - 1);
+  else if (e.key === "ArrowRight") openLb(lbAt + 1);
+});
+"""
+
+
+def _lightbox(container: str) -> str:
+    return _LIGHTBOX.replace("%CONTAINER%", container)
+
+
+SCRIPT = (
+    r"""
 (function () {
 "use strict";
 var D = JSON.parse(document.getElementById("wsbatch-data").textContent);
@@ -391,47 +436,16 @@ function reveal() {
 }
 window.addEventListener("hashchange", reveal);
 
-var lb = $("lightbox"), lbImg = lb.querySelector("img"), lbCap = lb.querySelector("figcaption");
-function openLb(i) {
-  if (i < 0 || i >= lbItems.length) return;
-  lbAt = i;
-  var it = lbItems[i];
-  lb.hidden = false;
-  lbImg.className = it.nsfw ? "nsfw" : "";
-  lbImg.alt = it.caption;
-  lbCap.textContent = it.caption + (it.nsfw ? "\n(flagged NSFW: click the image to show it)" : "");
-  lbImg.src = it.thumb || it.full;
-  // The full-size file when it is there (it is not in a mailed copy): the thumbnail stays.
-  if (it.full && it.thumb) {
-    var full = new Image();
-    full.onload = function () { if (lbAt === i) lbImg.src = it.full; };
-    full.src = it.full;
-  }
-}
-function closeLb() { lb.hidden = true; lbAt = -1; lbImg.removeAttribute("src"); }
-$("groups").addEventListener("click", function (e) {
-  var t = e.target.closest ? e.target.closest("[data-lb]") : null;
-  if (t) openLb(Number(t.getAttribute("data-lb")));
-});
-lb.addEventListener("click", function (e) {
-  if (e.target === lbImg) { lbImg.classList.remove("nsfw"); return; }
-  if (e.target.closest(".lb-prev")) return openLb(lbAt - 1);
-  if (e.target.closest(".lb-next")) return openLb(lbAt + 1);
-  if (e.target === lb || e.target.closest(".lb-close")) closeLb();
-});
-document.addEventListener("keydown", function (e) {
-  if (lb.hidden) return;
-  if (e.key === "Escape") closeLb();
-  else if (e.key === "ArrowLeft") openLb(lbAt - 1);
-  else if (e.key === "ArrowRight") openLb(lbAt + 1);
-});
-
+"""
+    + _lightbox("groups")
+    + r"""
 update();
 reveal();
 window.wsbatchReady = performance.now();
 document.body.setAttribute("data-ready", "1");
 })();
 """
+)
 
 # The side-by-side page (batch.compare): the report's stylesheet plus these rules.
 COMPARE_CSS = """
@@ -457,7 +471,8 @@ justify-content:center}
 .line .tile{width:160px;height:160px}
 """
 
-COMPARE_SCRIPT = r"""
+COMPARE_SCRIPT = (
+    r"""
 (function () {
 "use strict";
 var D = JSON.parse(document.getElementById("wsbatch-data").textContent);
@@ -734,41 +749,9 @@ function reveal() {
 }
 window.addEventListener("hashchange", reveal);
 
-var lb = $("lightbox"), lbImg = lb.querySelector("img"), lbCap = lb.querySelector("figcaption");
-function openLb(i) {
-  if (i < 0 || i >= lbItems.length) return;
-  lbAt = i;
-  var it = lbItems[i];
-  lb.hidden = false;
-  lbImg.className = it.nsfw ? "nsfw" : "";
-  lbImg.alt = it.caption;
-  lbCap.textContent = it.caption + (it.nsfw ? "\n(flagged NSFW: click the image to show it)" : "");
-  lbImg.src = it.thumb || it.full;
-  // The full-size file when it is there (it is not in a mailed copy): the thumbnail stays.
-  if (it.full && it.thumb) {
-    var full = new Image();
-    full.onload = function () { if (lbAt === i) lbImg.src = it.full; };
-    full.src = it.full;
-  }
-}
-function closeLb() { lb.hidden = true; lbAt = -1; lbImg.removeAttribute("src"); }
-$("lines").addEventListener("click", function (e) {
-  var t = e.target.closest ? e.target.closest("[data-lb]") : null;
-  if (t) openLb(Number(t.getAttribute("data-lb")));
-});
-lb.addEventListener("click", function (e) {
-  if (e.target === lbImg) { lbImg.classList.remove("nsfw"); return; }
-  if (e.target.closest(".lb-prev")) return openLb(lbAt - 1);
-  if (e.target.closest(".lb-next")) return openLb(lbAt + 1);
-  if (e.target === lb || e.target.closest(".lb-close")) closeLb();
-});
-document.addEventListener("keydown", function (e) {
-  if (lb.hidden) return;
-  if (e.key === "Escape") closeLb();
-  else if (e.key === "ArrowLeft") openLb(lbAt - 1);
-  else if (e.key === "ArrowRight") openLb(lbAt + 1);
-});
-
+"""
+    + _lightbox("lines")
+    + r"""
 head();
 update();
 reveal();
@@ -776,3 +759,4 @@ window.wsbatchReady = performance.now();
 document.body.setAttribute("data-ready", "1");
 })();
 """
+)

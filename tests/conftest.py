@@ -155,6 +155,13 @@ def run(cli: Callable[..., CLIResult], emulator: Emulator, tmp_path: Path) -> Ca
     return go
 
 
+def status_json(cli: Callable[..., CLIResult], out: Path) -> dict[str, Any]:
+    """`wsbatch status OUT --json`, which must succeed."""
+    result = cli("status", out, "--json")
+    assert result.code == 0, result.err
+    return json.loads(result.out)  # type: ignore[no-any-return]
+
+
 def last_events(out: Path) -> dict[str, dict[str, Any]]:
     """Each row's last ledger line that decides its state (intents and refusals aside)."""
     states = {}

@@ -26,17 +26,12 @@ from tests.conftest import (
     read_ledger_lines,
     run_subprocess,
     simple_rows,
+    status_json,
     subprocess_env,
     wsbatch_cmd,
 )
 
 PRICE = 0.024
-
-
-def status_json(cli, out: Path) -> dict:
-    result = cli("status", out, "--json")
-    assert result.code == 0, result.err
-    return json.loads(result.out)
 
 
 def recorded(cli, out: Path) -> tuple[int, int]:

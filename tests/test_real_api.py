@@ -29,17 +29,12 @@ from tests.conftest import (
     age_submits,
     read_ledger_lines,
     simple_rows,
+    status_json,
     subprocess_env,
     wsbatch_cmd,
 )
 
 PRICE = 0.024
-
-
-def status_json(cli, out: Path) -> dict:
-    result = cli("status", out, "--json")
-    assert result.code == 0, result.err
-    return json.loads(result.out)
 
 
 def row_tasks(out: Path) -> list[str]:
