@@ -104,7 +104,7 @@ class SubmitLimiter:
         self._confirmed: float | None = None  # the quota before a try at a higher one
         self._extra_out = False
         self._outstanding = 0  # submits granted and not yet answered
-        self._recent_accepts: deque[float] = deque()
+        self._unlearned_accepts = 0
 
     # -- asking --------------------------------------------------------------
 
@@ -133,10 +133,11 @@ class SubmitLimiter:
             # after it could take the place it was given, and pass for a turn.
             busy = self._probe_out or self._in_flight > 0
             return max(wait, 1.0 if busy else self._probe_at - now)
-        if self.quota is None and self._outstanding >= self._unlearned_cap(now):
+        if self.quota is None and self._outstanding >= self._unlearned_cap():
             # Nothing known yet: no more submits in the air at once than the square root
-            # of those accepted in the last second (and a couple), so that a limit reached
-            # costs a few 429s, not one per worker that came free together.
+            # of those accepted so far (and a couple), so that a limit reached costs a few
+            # 429s, not one per worker that came free together, while a run that meets no
+            # limit is held back only in its first seconds.
             return max(wait, 1.0)
         if self._beyond_confirmed() and (self._extra_out or self._in_flight > 0):
             # One try past the known limit at a time, once the rest is answered, so that
@@ -144,11 +145,8 @@ class SubmitLimiter:
             return max(wait, 1.0)
         return wait
 
-    def _unlearned_cap(self, now: float) -> int:
-        recent = self._recent_accepts
-        while recent and recent[0] < now - 1.0:
-            recent.popleft()
-        return max(UNLEARNED_OUTSTANDING, math.isqrt(len(recent)))
+    def _unlearned_cap(self) -> int:
+        return max(UNLEARNED_OUTSTANDING, math.isqrt(self._unlearned_accepts))
 
     def _committed(self) -> int:
         """This window's submits: accepted, and in the air (each may yet be accepted), so
@@ -269,7 +267,7 @@ class SubmitLimiter:
     def on_success(self, slot: Slot) -> None:
         self._answered(slot)
         if self.quota is None:
-            self._recent_accepts.append(self._clock())
+            self._unlearned_accepts += 1
         if slot.extra:
             self._extra_out = False
         if slot.probe and self._probing:

@@ -72,9 +72,11 @@ def simulate(
     latency: float = LATENCY,
     busy: float = 0.0,
     seed: int = 1,
+    skip: float = 0.0,
 ) -> Result:
-    """Run for ``windows`` windows from ``phase`` (a share of a window) past a turn.
-    ``busy`` is how long a worker is away after an accepted submit (the task itself)."""
+    """Run for ``windows`` windows from ``phase`` (a share of a window) past a turn,
+    counting the submits sent after the first ``skip`` windows. ``busy`` is how long a
+    worker is away after an accepted submit (the task itself)."""
     rng = random.Random(seed)
     start = 1000 * window + phase * window
     end = start + windows * window
@@ -94,7 +96,7 @@ def simulate(
             if ok:
                 used[index] = used.get(index, 0) + 1
             await asyncio.sleep(trip - arrive)
-            if slot.sent_at < end:
+            if start + skip * window <= slot.sent_at < end:
                 counts[0 if ok else 1] += 1
             if ok:
                 pacer.on_success(slot)
@@ -117,8 +119,9 @@ def simulate(
     finally:
         loop.close()
     # Workers bound the pace too: one submit per round trip (and task) each.
-    capacity = workers * windows * window / (latency + busy)
-    return Result(counts[0], counts[1], min(quota * windows, capacity), pacer)
+    counted = windows - skip
+    capacity = workers * counted * window / (latency + busy)
+    return Result(counts[0], counts[1], min(quota * counted, capacity), pacer)
 
 
 GRID_WINDOWS = (5.0, 6.0, 60.0)
