@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import math
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,7 +35,7 @@ FIRST_STEP_S = 0.25
 FIRST_RUNG_S = DOCUMENTED_WINDOW_S / 32  # a turn this soon after the start costs a moment
 MIN_WINDOW_S = 0.5
 EARLY = 1 / 8  # with one turn known, probe this share of the guessed window early
-SPLIT = 0.75  # a wide interval is probed this far in: a 429 costs more than a wait
+SPLIT = 0.5  # a wide interval is probed halfway: one 429 at most halves it
 PRECISE = 1 / 32  # a turn predicted to within this share of a window is probed at its end
 TURNS_KEPT = 8
 # Windows that spend the learned quota with no 429 let the next one try half as much again:
@@ -79,7 +78,7 @@ class SubmitLimiter:
         # Learned; None until the first 429 without Retry-After.
         self.quota: float | None = None
         self.window: float | None = None  # best estimate, for display and the first guesses
-        self._turns: deque[_Turn] = deque(maxlen=TURNS_KEPT)
+        self._turns: list[_Turn] = []
         self._refused_at = -math.inf  # latest refused send since the latest turn
         self._accepted = 0  # accepted since the latest turn
         self._in_flight = 0  # submits (not probes) granted and not yet answered
@@ -289,9 +288,17 @@ class SubmitLimiter:
             if self._first_sent is not None:
                 self.window = max(now - self._first_sent, MIN_WINDOW_S)
         else:
-            turn = _Turn(max(self._refused_at, self._next_lo), min(now, self._next_hi), self._index)
+            # Only what was seen: bounds taken from the model would make a wrong model
+            # confirm itself.
+            after = self._turns[-1].lo + MIN_WINDOW_S
+            turn = _Turn(max(self._refused_at, after), now, self._index)
         if turn.lo > -math.inf:  # else no 429 bounds it: nothing learned, but a fresh count
             self._turns.append(turn)
+            if len(self._turns) > TURNS_KEPT:
+                # Forget the loosest turn, not the oldest: the closely bracketed ones, far
+                # apart, are what pins the window's length down.
+                loosest = max(self._turns[:-1], key=lambda t: t.hi - t.lo)
+                self._turns.remove(loosest)
         if self._turns and (turn.lo >= turn.hi or not self._corners()[0]):
             # Nothing fits what was seen before (the run began after a turn it did not see,
             # or the windows changed): learn them again, from this turn if a 429 bounds it.

@@ -11,6 +11,7 @@ Retry-After and count for nothing, as documented. ``workers`` loop acquire -> se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import selectors
@@ -53,6 +54,7 @@ class Result:
     refused: int
     ideal: float  # what an omniscient client would get accepted in the same time
     pacer: SubmitLimiter
+    took: float = 0.0  # from the start to the last accepted submit's answer
 
     @property
     def share_429(self) -> float:
@@ -73,6 +75,7 @@ def simulate(
     busy: float = 0.0,
     seed: int = 1,
     skip: float = 0.0,
+    rows: int | None = None,
 ) -> Result:
     """Run for ``windows`` windows from ``phase`` (a share of a window) past a turn,
     counting the submits sent after the first ``skip`` windows. ``busy`` is how long a
@@ -84,6 +87,8 @@ def simulate(
     pacer = SubmitLimiter(clock=loop.time)
     used: dict[int, int] = {}
     counts = [0, 0]
+    done = asyncio.Event()
+    last = [start]
 
     async def worker() -> None:
         while True:
@@ -100,6 +105,9 @@ def simulate(
                 counts[0 if ok else 1] += 1
             if ok:
                 pacer.on_success(slot)
+                last[0] = loop.time()
+                if rows is not None and sum(used.values()) >= rows:
+                    done.set()
                 if busy:
                     await asyncio.sleep(busy)
             else:
@@ -107,7 +115,11 @@ def simulate(
 
     async def main() -> None:
         tasks = [asyncio.create_task(worker()) for _ in range(workers)]
-        await asyncio.sleep(end - start + 2 * latency)
+        if rows is None:
+            await asyncio.sleep(end - start + 2 * latency)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), end - start)
         for task in tasks:
             task.cancel()
         for outcome in await asyncio.gather(*tasks, return_exceptions=True):
@@ -121,7 +133,8 @@ def simulate(
     # Workers bound the pace too: one submit per round trip (and task) each.
     counted = windows - skip
     capacity = workers * counted * window / (latency + busy)
-    return Result(counts[0], counts[1], min(quota * counted, capacity), pacer)
+    took = last[0] - start
+    return Result(counts[0], counts[1], min(quota * counted, capacity), pacer, took)
 
 
 GRID_WINDOWS = (5.0, 6.0, 60.0)

@@ -13,7 +13,7 @@ import pytest
 
 from batch.limits import SubmitLimiter
 from tests.conftest import simple_rows
-from tests.pacing_sim import grid
+from tests.pacing_sim import LATENCY, grid
 from tests.pacing_sim import simulate as run_pool
 
 
@@ -153,11 +153,18 @@ def _share_bound(quota: int, workers: int, phase: float) -> float:
     return 0.15 if late_crowd else 0.10
 
 
+def _pace_floor(quota: int, window: float, workers: int, floor: float) -> float:
+    """Where the workers need over a third of each window to send its quota, a turn found
+    late costs pace that is not made up within the window: a lower floor there."""
+    sending = quota * LATENCY / workers / window
+    return floor - 0.1 if sending > 1 / 3 else floor
+
+
 @pytest.mark.parametrize(("window", "quota", "workers", "phase"), grid())
 def test_ten_windows_keep_the_pace_with_few_429s(window, quota, workers, phase):
     """Over ten windows of 5 to 60 s, from any phase, the pool gets the limit's pace."""
     result = run_pool(quota, window, workers, phase)
-    assert result.throughput >= 0.85
+    assert result.throughput >= _pace_floor(quota, window, workers, 0.85)
     assert result.share_429 <= _share_bound(quota, workers, phase)
 
 
@@ -169,7 +176,7 @@ def test_once_learned_windows_cost_almost_no_429s(window, quota, workers, phase)
     """After ten windows of learning, the next twenty cost under 5 % 429s at full pace."""
     result = run_pool(quota, window, workers, phase, windows=30, skip=10)
     assert result.share_429 <= 0.05
-    assert result.throughput >= 0.8
+    assert result.throughput >= _pace_floor(quota, window, workers, 0.85)
 
 
 @pytest.mark.parametrize("window", [5.0, 6.0, 60.0])
@@ -198,3 +205,14 @@ def test_a_run_started_late_in_a_minute_window_is_not_fooled():
     result = run_pool(10, 60.0, 4, 0.9, windows=10)
     assert result.refused <= 20  # was over 800: steps of a thirty-second of a bad guess
     assert result.pacer.window is not None and abs(result.pacer.window - 60.0) <= 3.0
+
+
+@pytest.mark.parametrize(
+    ("quota", "window", "workers", "rows"), [(10, 6.0, 4, 60), (20, 5.0, 20, 120)]
+)
+def test_a_short_run_of_busy_workers_ends_near_the_ideal(quota, window, workers, rows):
+    """Bench a and b: workers away a second per task still finish near the ideal time."""
+    result = run_pool(quota, window, workers, 0.02, windows=20, busy=1.0, latency=0.03, rows=rows)
+    ideal = (math.ceil(rows / quota) - 1 - 0.02) * window  # when the last window opens
+    assert result.took <= 1.2 * ideal
+    assert result.share_429 <= 0.10
