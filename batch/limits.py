@@ -104,6 +104,7 @@ class SubmitLimiter:
         self._extra_out = False
         self._outstanding = 0  # submits granted and not yet answered
         self._unlearned_accepts = 0
+        self._plain = False  # a 429 came with Retry-After
 
     # -- asking --------------------------------------------------------------
 
@@ -132,7 +133,7 @@ class SubmitLimiter:
             # after it could take the place it was given, and pass for a turn.
             busy = self._probe_out or self._in_flight > 0
             return max(wait, 1.0 if busy else self._probe_at - now)
-        if self.quota is None and self._outstanding >= self._unlearned_cap():
+        if self.quota is None and not self._plain and self._outstanding >= self._unlearned_cap():
             # Nothing known yet: no more submits in the air at once than the square root
             # of those accepted so far (and a couple), so that a limit reached costs a few
             # 429s, not one per worker that came free together, while a run that meets no
@@ -347,6 +348,7 @@ class SubmitLimiter:
         self._wake.set()
         if retry_after is not None:
             self._next_at = max(self._next_at, now + retry_after)  # said plainly
+            self._plain = True  # limits are told, not guessed at: no need to creep up on one
             if slot.probe:
                 self._probe_out = False
             return
