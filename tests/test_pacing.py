@@ -13,6 +13,8 @@ import pytest
 
 from batch.limits import SubmitLimiter
 from tests.conftest import simple_rows
+from tests.pacing_sim import LATENCY, grid
+from tests.pacing_sim import simulate as run_pool
 
 
 class Clock:
@@ -102,8 +104,8 @@ def test_a_run_under_a_window_limit_learns_it(run, images, write_manifest, emula
 
 
 def test_workers_freed_together_send_a_few_submits_until_a_limit_is_known():
-    """Before any 429, only a few submits (or a second's worth of accepted ones) are in
-    the air at once: hitting an unknown limit costs a few 429s, not one per worker."""
+    """Before any 429, only a few submits (or the square root of a second's accepted ones)
+    are in the air at once: hitting an unknown limit costs a few 429s, not one per worker."""
     clock = Clock()
     pacer = SubmitLimiter(clock=clock)
     granted = [pacer._grant(0.0) for _ in range(4)]
@@ -134,3 +136,83 @@ def test_submits_in_the_air_count_against_the_quota():
     assert pacer._wait(clock.now) <= 0
     pacer._grant(clock.now)  # 3 of 3, in the air
     assert pacer._wait(clock.now) > 0  # the quota is committed, though none answered yet
+
+
+# -- the pool against fixed windows of any length, quota and phase (tests/pacing_sim.py) --
+
+
+def _share_bound(quota: int, workers: int, phase: float) -> float:
+    """The 429 share ten windows may cost. Learning a quota and a window takes about a
+    dozen 429s whatever the quota, so small quotas pay a larger share; a run that starts
+    late in a window with many workers sends some of its first burst into the next one."""
+    if quota <= 2:
+        return 0.5
+    late_crowd = workers >= 20 and phase >= 0.9
+    if quota < 20:
+        return 0.25 if late_crowd else 0.15
+    return 0.15 if late_crowd else 0.10
+
+
+def _pace_floor(quota: int, window: float, workers: int, floor: float) -> float:
+    """Where the workers need over a third of each window to send its quota, a turn found
+    late costs pace that is not made up within the window: a lower floor there."""
+    sending = quota * LATENCY / workers / window
+    return floor - 0.1 if sending > 1 / 3 else floor
+
+
+@pytest.mark.parametrize(("window", "quota", "workers", "phase"), grid())
+def test_ten_windows_keep_the_pace_with_few_429s(window, quota, workers, phase):
+    """Over ten windows of 5 to 60 s, from any phase, the pool gets the limit's pace."""
+    result = run_pool(quota, window, workers, phase)
+    assert result.throughput >= _pace_floor(quota, window, workers, 0.85)
+    assert result.share_429 <= _share_bound(quota, workers, phase)
+
+
+@pytest.mark.parametrize("window", [5.0, 6.0, 60.0])
+@pytest.mark.parametrize("quota", [10, 100])
+@pytest.mark.parametrize("workers", [4, 20])
+@pytest.mark.parametrize("phase", [0.0, 0.5, 0.9])
+def test_once_learned_windows_cost_almost_no_429s(window, quota, workers, phase):
+    """After ten windows of learning, the next twenty cost under 5 % 429s at full pace."""
+    result = run_pool(quota, window, workers, phase, windows=30, skip=10)
+    assert result.share_429 <= 0.05
+    assert result.throughput >= _pace_floor(quota, window, workers, 0.85)
+
+
+@pytest.mark.parametrize("window", [5.0, 6.0, 60.0])
+def test_the_window_length_is_learned(window):
+    """The window's length is learned to a few percent, whatever it is."""
+    pacer = run_pool(20, window, 4, 0.5).pacer
+    assert pacer.window is not None and abs(pacer.window - window) <= 0.05 * window
+
+
+def test_a_minute_window_that_began_with_the_run_is_found_at_its_turn():
+    """The first search climbs a ladder through the documented minute, uncapped."""
+    result = run_pool(10, 60.0, 4, 0.0, windows=1.05)
+    assert result.accepted >= 11  # the second window's quota began within 3 s of its turn
+    assert result.refused <= 8
+
+
+def test_a_five_second_window_is_found_within_two_windows():
+    """The minute is a prior, not an assumption: a 5 s window costs only a few probes."""
+    result = run_pool(10, 5.0, 4, 0.0, windows=2)
+    assert result.accepted >= 15
+    assert result.refused <= 5
+
+
+def test_a_run_started_late_in_a_minute_window_is_not_fooled():
+    """A first window cut short by a late start does not pass for a short window."""
+    result = run_pool(10, 60.0, 4, 0.9, windows=10)
+    assert result.refused <= 20  # was over 800: steps of a thirty-second of a bad guess
+    assert result.pacer.window is not None and abs(result.pacer.window - 60.0) <= 3.0
+
+
+@pytest.mark.parametrize(
+    ("quota", "window", "workers", "rows"), [(10, 6.0, 4, 60), (20, 5.0, 20, 120)]
+)
+def test_a_short_run_of_busy_workers_ends_near_the_ideal(quota, window, workers, rows):
+    """Bench a and b: workers away a second per task still finish near the ideal time."""
+    result = run_pool(quota, window, workers, 0.02, windows=20, busy=1.0, latency=0.03, rows=rows)
+    ideal = (math.ceil(rows / quota) - 1 - 0.02) * window  # when the last window opens
+    assert result.took <= 1.2 * ideal
+    assert result.share_429 <= 0.10
