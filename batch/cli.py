@@ -375,12 +375,15 @@ def _check_out_dir(args: argparse.Namespace, out_dir: Path, ledger: str) -> None
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     models = _models(args)
+    first: Manifest | None = None
     if models == [None]:
-        listed = _load(args, None).settings.get("models")
+        first = _load(args, None)  # read once; again only for a model of its own list
+        listed = first.settings.get("models")
         models = list(listed) if listed else models
     root: Path | None = None
     for model in models:
-        manifest = _load(args, model)
+        reuse = first is not None and (model is None or model == first.model)
+        manifest = first if reuse and first is not None else _load(args, model)
         if root is None:
             root = _out_dir(args, manifest)
         out_dir = root / model_folder(model) if len(models) > 1 and model else root

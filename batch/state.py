@@ -92,13 +92,19 @@ class Doubt:
     row: str
     intent: str
     price: float
-    at: float | None  # when the intent was written, epoch seconds
+    ts: str | None  # when the intent was written, as the ledger has it
     request_sha: str | None = None
     request_keys: tuple[str, ...] = ()
     model: str | None = None
     seed: int = -1
     fingerprint: str | None = None
     counted: bool = False  # already a possible duplicate (answer lost, or superseded)
+
+    @property
+    def at(self) -> float | None:
+        """When the intent was written, epoch seconds; parsed only when asked: almost
+        every intent is answered, and a 100k-row resume need not parse them all."""
+        return parse_ts(self.ts)
 
 
 @dataclass(slots=True)
@@ -257,7 +263,7 @@ def apply(
             event.row,
             event.intent,
             row.intent_price,
-            parse_ts(ts),
+            ts,
             event.request_sha,
             event.request_keys,
             event.model,
