@@ -157,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--base-url", help="API base URL, with --online")
     validate.add_argument("--api-key-file", type=Path, help="read the key from this file")
 
-    report = sub.add_parser("report", help="write OUT_DIR/report.html from the ledger")
+    report = sub.add_parser(
+        "report",
+        help="write OUT_DIR/report.html from the ledger (a grid for a side-by-side root)",
+    )
     report.add_argument("out_dir", type=Path)
     report.add_argument(
         "--self-contained",
