@@ -29,6 +29,7 @@ class Prices:
 
     fallback: float
     by_model: Mapping[str, float] = field(default_factory=dict)
+    source: str = "live"  # where by_model came from: "live", or "catalogue" (offline)
 
     def of(self, model: str) -> float:
         return self.by_model.get(model, self.fallback)
@@ -96,9 +97,9 @@ def describe(e: Estimate) -> str:
     total = sum(c.values())
     models = sorted(e.prices.by_model.items())
     if len(models) == 1:
-        price = f"${models[0][1]:g} live price"
+        price = f"${models[0][1]:g} {e.prices.source} price"
     elif models:
-        price = "live prices"
+        price = f"{e.prices.source} prices"
     else:
         price = f"${e.prices.fallback:g} from --price"
     held = f", {c['held']} held by a damaged ledger" if c.get("held") else ""

@@ -412,7 +412,8 @@ def _validate_one(args: argparse.Namespace, manifest: Manifest, out_dir: Path) -
             )
         )
     else:
-        plan = estimate_offline(manifest, out_dir, args.retry_failed, price)
+        given = args.price is not None or "price" in manifest.settings
+        plan = estimate_offline(manifest, out_dir, args.retry_failed, price, given=given)
     # --images stands for a manifest that has no file: say what it stands for.
     source = manifest.path if manifest.path.is_file() else "command line (--images)"
     print(f"{source}: OK, model {manifest.model}, output to {out_dir}")

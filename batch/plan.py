@@ -42,8 +42,19 @@ def plan_manifest(
 
 
 def estimate_offline(
-    manifest: Manifest, out_dir: Path, retry_failed: bool, price: float
+    manifest: Manifest, out_dir: Path, retry_failed: bool, price: float, *, given: bool = False
 ) -> Estimate:
-    """The plan and its cost at ``price``, from the folder's ledgers alone."""
+    """The plan and its cost from the folder's ledgers alone: at ``price`` when the user
+    ``given`` it, else at each model's base price from the cached (or bundled) catalogue,
+    ``price`` for models it does not know."""
     counts, spent, to_submit = plan_manifest(manifest, out_dir, retry_failed)
-    return estimate(counts, spent, to_submit, Prices(price), None)
+    prices = Prices(price)
+    if not given:
+        catalogue = known_models()
+        base = {
+            row.model: info.base_price
+            for row in {r.model: r for r in to_submit}.values()
+            if (info := catalogue.get(row.model)) is not None and info.base_price is not None
+        }
+        prices = Prices(price, base, source="catalogue")
+    return estimate(counts, spent, to_submit, prices, None)

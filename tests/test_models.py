@@ -178,3 +178,12 @@ def test_models_in_the_manifest_run_side_by_side(cli, write_manifest, images, em
     bad = write_manifest(simple_rows(images, 1), name="bad", models=["not a model"])
     refused = cli("validate", bad)
     assert refused.code == 2 and "models: must list" in refused.err
+
+
+def test_an_offline_estimate_uses_the_catalogues_price(cli, write_manifest, images, emulator):
+    """Offline, `validate` prices each model at the cached catalogue's base price;
+    --price given on the command line wins."""
+    assert cli("models", "--refresh", "--base-url", emulator.base_url).code == 0
+    path = write_manifest(simple_rows(images, 2), model="bytedance/seedream-v4/edit")
+    assert "(2 at $0.027 catalogue price)" in cli("validate", path).out
+    assert "(2 at $0.05 from --price)" in cli("validate", path, "--price", "0.05").out
