@@ -172,6 +172,7 @@ class Settler:
         for doubt in self.state.doubts.values():
             if doubt.model and doubt.at is not None:
                 by_model.setdefault(doubt.model, []).append(doubt)
+        newest = _newest(self.state)
         for model, doubts in by_model.items():
             doubts.sort(key=lambda d: d.at or 0.0)
             youngest = max(d.at or 0.0 for d in doubts)
@@ -184,7 +185,7 @@ class Settler:
                         self._defer(_Pending(doubt, model, now))
                         continue
                     fresh = self._fresh(listed, known, doubt.at or 0.0)
-                    if adoptable.get(doubt.row, False) and _latest(self.state, doubt):
+                    if adoptable.get(doubt.row, False) and _latest(self.state, doubt, newest):
                         ours = [
                             i for i in fresh if matches(i, doubt.request_sha, doubt.request_keys)
                         ]
@@ -354,15 +355,18 @@ def _nearest(items: list[Listed], at: float | None) -> Listed:
     return min(items, key=distance)
 
 
-def _latest(state: LedgerState, doubt: Doubt) -> bool:
+def _newest(state: LedgerState) -> dict[str, float]:
+    """Each row's newest doubt time: one pass, however many doubts a kill left."""
+    newest: dict[str, float] = {}
+    for d in state.doubts.values():
+        newest[d.row] = max(newest.get(d.row, 0.0), d.at or 0.0)
+    return newest
+
+
+def _latest(state: LedgerState, doubt: Doubt, newest: Mapping[str, float]) -> bool:
     """The row's newest doubt, and the row holds no task it could follow instead."""
     row = state.rows.get(doubt.row)
-    if row is None:
-        return False
-    newer = any(
-        d.row == doubt.row and (d.at or 0.0) > (doubt.at or 0.0) for d in state.doubts.values()
-    )
-    if newer:
+    if row is None or (doubt.at or 0.0) < newest.get(doubt.row, 0.0):
         return False
     if row.status is RowStatus.IN_DOUBT:
         return row.intent == doubt.intent

@@ -341,3 +341,25 @@ def test_forty_large_uploads_at_once_arrive_whole(run, write_manifest, emulator,
     assert len(urls) == 40
     for name, url in urls.items():
         assert emulator.uploaded_bytes(url) == (tmp_path / name).read_bytes()
+
+
+def test_the_next_run_adopts_a_killed_submits_task_on_a_full_match(
+    run, cli, images, write_manifest, emulator, tmp_path
+):
+    """A kill right after the send leaves an open intent; where the listing carries
+    inputs, the next run's start adopts that task and pays nothing again."""
+    emulator.config.listing_inputs = True
+    path = write_manifest(simple_rows(images, 1))
+    out = tmp_path / "out"
+    assert run(path).code == 0
+    # As a kill just after sending leaves it: the intent, and nothing after it.
+    kept = [e for e in read_ledger_lines(out) if e["event"] in ("run", "uploaded", "submitting")]
+    (out / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in kept))
+    for f in out.glob("row-*"):
+        f.unlink()
+    assert status_json(cli, out)["in_doubt"] == 1
+    again = run(path)
+    assert again.code == 0, again.err
+    assert emulator.stats.submits_accepted == 1
+    assert again.summary["submitted"] == 1 and again.summary["possible_duplicates"] == 0
+    assert row_tasks(out) == emulator.stats.created_ids
