@@ -54,7 +54,7 @@ from batch.report import (
     _when,
     commands,
 )
-from batch.report_assets import COMPARE_CSS, COMPARE_SCRIPT, CSS
+from batch.report_assets import COMPARE_CSS, COMPARE_SCRIPT, CSS, LIGHTBOX_HTML
 from batch.state import LedgerState
 from batch.thumbs import THUMB_DIR, Source, data_uri, ensure_thumbs, file_key, output_key
 
@@ -351,7 +351,8 @@ def _group(
 
 # -- the page -------------------------------------------------------------------------
 
-BROWSER = """
+BROWSER = (
+    """
 <section id="rows"><div class="sticky"><div class="controls">
 <input id="q" type="search" placeholder="search prompt, file name or row id" autocomplete="off">
 <select id="f-show" aria-label="show"><option value="">every row</option>
@@ -369,11 +370,9 @@ BROWSER = """
 <div id="lines"><p class="muted">The rows need JavaScript to show.</p></div>
 <div class="pager" id="pager-bottom"></div>
 </section>
-<div id="lightbox" hidden><button type="button" class="lb-close" aria-label="close">\u00d7</button>
-<button type="button" class="lb-prev" aria-label="previous">\u2039</button>
-<figure><img alt=""><figcaption></figcaption></figure>
-<button type="button" class="lb-next" aria-label="next">\u203a</button></div>
 """
+    + LIGHTBOX_HTML
+)
 
 
 def _header(columns: list[Column], root: Path, data: dict[str, Any]) -> str:

@@ -455,6 +455,11 @@ _REQUEST: dict[str, _Check] = {
     "image": _STR,
     "image_path": _STR,
 }
+# A submit's refusal or lost answer: the same fields either way.
+_ANSWER: tuple[frozenset[str], dict[str, _Check]] = (
+    frozenset({"row", "intent"}),
+    {"row": _STR, "intent": _STR, "error": _STR, "status": _INT},
+)
 # Per known event: fields it must have, and the check of every field it may have (null is
 # allowed for the optional ones). A line that breaks these is damage, never a fact.
 _SHAPES: dict[str, tuple[frozenset[str], dict[str, _Check]]] = {
@@ -488,14 +493,8 @@ _SHAPES: dict[str, tuple[frozenset[str], dict[str, _Check]]] = {
             "possible_duplicates": _INT,
         },
     ),
-    "submit_refused": (
-        frozenset({"row", "intent"}),
-        {"row": _STR, "intent": _STR, "error": _STR, "status": _INT},
-    ),
-    "submit_unknown": (
-        frozenset({"row", "intent"}),
-        {"row": _STR, "intent": _STR, "error": _STR, "status": _INT},
-    ),
+    "submit_refused": _ANSWER,
+    "submit_unknown": _ANSWER,
     "submit_settled": (
         frozenset({"row", "intent", "outcome"}),
         {"row": _STR, "intent": _STR, "outcome": _STR, "prediction_id": _STR},

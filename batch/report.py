@@ -38,7 +38,7 @@ from urllib.parse import quote
 from batch.errors import UsageError
 from batch.files import write_atomic_sync
 from batch.ledger import ledger_paths, read_ledgers
-from batch.report_assets import CSS, SCRIPT
+from batch.report_assets import CSS, LIGHTBOX_HTML, SCRIPT
 from batch.state import LedgerState, RowState, RowStatus, parse_ts
 from batch.thumbs import THUMB_DIR, Source, data_uri, ensure_thumbs, file_key, output_key
 
@@ -745,7 +745,8 @@ def _latency_section(rows: list[_Row]) -> str:
     )
 
 
-BROWSER = """
+BROWSER = (
+    """
 <section id="rows"><h2>Rows by input image</h2>
 <div class="controls">
 <input id="q" type="search" placeholder="search prompt, file name or row id" autocomplete="off">
@@ -768,11 +769,9 @@ BROWSER = """
 <div id="groups"><p class="muted">The rows need JavaScript to show.</p></div>
 <div class="pager" id="pager-bottom"></div>
 </section>
-<div id="lightbox" hidden><button type="button" class="lb-close" aria-label="close">\u00d7</button>
-<button type="button" class="lb-prev" aria-label="previous">\u2039</button>
-<figure><img alt=""><figcaption></figcaption></figure>
-<button type="button" class="lb-next" aria-label="next">\u203a</button></div>
 """
+    + LIGHTBOX_HTML
+)
 
 
 def render_report(

@@ -107,6 +107,39 @@ padding:8px 14px}
 footer{margin-top:24px;color:var(--muted);font-size:12px}
 """
 
+# DOM and formatting helpers both report pages use.
+_HELPERS = r"""
+function $(id) { return document.getElementById(id); }
+function el(tag, cls, text) {
+  var e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  return e;
+}
+function has(o, k) { return o != null && Object.prototype.hasOwnProperty.call(o, k); }
+// Our links are relative paths (no scheme) or http(s) URLs; nothing else is followed.
+function safe(href) {
+  if (typeof href !== "string" || !href) return null;
+  return /^https?:\/\//i.test(href) || !/^[^\/?#]*:/.test(href) ? href : null;
+}
+function secs(v) {
+  if (v == null) return "\u2013";
+  if (v < 10) return v.toFixed(2) + " s";
+  return v < 600 ? v.toFixed(1) + " s" : (v / 60).toFixed(1) + " min";
+}
+function cmp(a, b) { return a < b ? -1 : a > b ? 1 : 0; }
+"""
+
+
+# The lightbox's markup and script, the same on both pages.
+LIGHTBOX_HTML = """\
+<div id="lightbox" hidden>
+<button type="button" class="lb-close" aria-label="close">\u00d7</button>
+<button type="button" class="lb-prev" aria-label="previous">\u2039</button>
+<figure><img alt=""><figcaption></figcaption></figure>
+<button type="button" class="lb-next" aria-label="next">\u203a</button></div>
+"""
+
 # The lightbox both pages share: images of a list, stepped with the arrow keys; the
 # element whose [data-lb] children open it is named by its id.
 _LIGHTBOX = r"""
@@ -163,31 +196,14 @@ var byId = Object.create(null), groupSize = new Array(groups.length).fill(0);
 var state = {q: "", status: "", model: "", nsfw: "", cause: "", sort: "attention", page: 0};
 var shown = [], lbItems = [], lbAt = -1, sorted = Object.create(null);
 
-function $(id) { return document.getElementById(id); }
-function el(tag, cls, text) {
-  var e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined && text !== null) e.textContent = String(text);
-  return e;
-}
-function has(o, k) { return o != null && Object.prototype.hasOwnProperty.call(o, k); }
-function thumbUrl(name) {
+"""
+    + _HELPERS
+    + r"""function thumbUrl(name) {
   if (name == null) return null;
   if (D.embedded) return has(D.embedded, name) ? D.embedded[name] : null;
   return D.thumbDir == null ? null : D.thumbDir + name;
 }
-// Our links are relative paths (no scheme) or http(s) URLs; nothing else is followed.
-function safe(href) {
-  if (typeof href !== "string" || !href) return null;
-  return /^https?:\/\//i.test(href) || !/^[^\/?#]*:/.test(href) ? href : null;
-}
 function outHref(name) { return D.outDir == null ? null : D.outDir + encodeURIComponent(name); }
-function secs(v) {
-  if (v == null) return "\u2013";
-  if (v < 10) return v.toFixed(2) + " s";
-  return v < 600 ? v.toFixed(1) + " s" : (v / 60).toFixed(1) + " min";
-}
-function cmp(a, b) { return a < b ? -1 : a > b ? 1 : 0; }
 
 rows.forEach(function (r, i) {
   r.ix = i;
@@ -483,30 +499,13 @@ var byId = Object.create(null), sorted = Object.create(null);
 var state = {q: "", show: "", sort: "id", page: 0};
 var shown = [], lbItems = [], lbAt = -1;
 
-function $(id) { return document.getElementById(id); }
-function el(tag, cls, text) {
-  var e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined && text !== null) e.textContent = String(text);
-  return e;
-}
-function has(o, k) { return o != null && Object.prototype.hasOwnProperty.call(o, k); }
-function thumbUrl(dir, name) {
+"""
+    + _HELPERS
+    + r"""function thumbUrl(dir, name) {
   if (name == null) return null;
   if (D.embedded) return has(D.embedded, name) ? D.embedded[name] : null;
   return dir == null ? null : dir + name;
 }
-// Our links are relative paths (no scheme) or http(s) URLs; nothing else is followed.
-function safe(href) {
-  if (typeof href !== "string" || !href) return null;
-  return /^https?:\/\//i.test(href) || !/^[^\/?#]*:/.test(href) ? href : null;
-}
-function secs(v) {
-  if (v == null) return "\u2013";
-  if (v < 10) return v.toFixed(2) + " s";
-  return v < 600 ? v.toFixed(1) + " s" : (v / 60).toFixed(1) + " min";
-}
-function cmp(a, b) { return a < b ? -1 : a > b ? 1 : 0; }
 
 lines.forEach(function (l, i) {
   l.ix = i;
