@@ -38,6 +38,7 @@ from batch.runner import (
     RunOptions,
     Summary,
 )
+from batch.slots import Slots
 from batch.state import LedgerState, RowState, RowStatus
 from batch.urls import DEFAULT_BASE_URL, check_base_url, resolve_base_url
 
@@ -215,6 +216,7 @@ async def run_manifest_async(
     api_key: str | None = None,
     base_url: str | None = None,
     concurrency: int = 4,
+    queue_ahead: int | None = None,
     rate: float | None = None,
     timeout: float = 600.0,
     retries: int = 5,
@@ -246,6 +248,7 @@ async def run_manifest_async(
     options = RunOptions(
         out_dir=target,
         concurrency=concurrency,
+        queue_ahead=queue_ahead,
         rate=rate,
         timeout=timeout,
         retries=retries,
@@ -265,7 +268,8 @@ async def run_manifest_async(
     await asyncio.to_thread(lock.acquire)  # it may wait out a reader's probe
     with lock:
         # Each worker holds one connection at a time; a few spare for keep-alive.
-        async with Client(url, key.value, connections=concurrency + 8) as client:
+        workers = Slots(concurrency, queue_ahead).workers
+        async with Client(url, key.value, connections=workers + 8) as client:
             runner = Runner(
                 manifest,
                 client,

@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("manifest", type=Path, nargs="?")
     _add_plan_options(run)
     run.add_argument("--concurrency", type=_positive_int, help="tasks in flight (default 4)")
+    run.add_argument(
+        "--queue-ahead",
+        type=_non_negative_int,
+        help="tasks kept queued on the server beyond --concurrency once it queues them "
+        "(default: a fifth of it; 0: never more than --concurrency)",
+    )
     run.add_argument("--rate", type=_positive_float, help="submissions per minute (default: none)")
     run.add_argument("--timeout", type=_positive_float, help="seconds per task (default 600)")
     run.add_argument("--retries", type=_non_negative_int, help="retries per request (default 5)")
@@ -476,7 +482,8 @@ class _ProgressView:
             if now - self._last >= 0.1 or finished == p.total:
                 self._last = now
                 self.bar.n = finished
-                self.bar.set_postfix(failed=p.failed, in_flight=p.in_flight, refresh=False)
+                shown = f"{p.in_flight} ({p.queued} queued)" if p.queued else p.in_flight
+                self.bar.set_postfix(failed=p.failed, in_flight=shown, refresh=False)
                 self.bar.refresh()
             return
         if now - self._last >= LOG_INTERVAL or finished == p.total:
@@ -485,9 +492,10 @@ class _ProgressView:
             rate = (finished - self._base) / elapsed if elapsed > 0 else 0.0
             left = p.total - finished
             eta = f", ETA {left / rate:.0f} s" if rate > 0 and left else ""
+            queued = f" ({p.queued} queued on the server)" if p.queued else ""
             self._write(
                 f"wsbatch: {finished}/{p.total} done ({p.failed} failed), "
-                f"{p.in_flight} in flight, {rate:.2f} rows/s{eta}"
+                f"{p.in_flight} in flight{queued}, {rate:.2f} rows/s{eta}"
             )
 
     def _write(self, line: str) -> None:
@@ -627,6 +635,7 @@ def _run_one(
                 price=price,
                 grace=args.grace,
                 poll_floor=args.poll_floor,
+                queue_ahead=args.queue_ahead,
                 log_file=args.log_file or ("-" if args.verbose else None),
                 shard=shard,
                 progress=view,

@@ -38,10 +38,11 @@ from batch.metrics import Metrics
 from batch.models import Catalogue, ModelInfo
 from batch.options import RunOptions
 from batch.outputs import output_names, write_atomic
-from batch.polling import PollSchedule, latency_sample
+from batch.polling import QUEUED_LAG_WEIGHT, PollSchedule, latency_sample
 from batch.redact import redact_text, redact_url
 from batch.retry import DEFAULT_BACKOFF, DeadlinePassed, retrying
 from batch.settle import Settler, request_digest
+from batch.slots import Slots
 from batch.spend import SpendGuard, new_intent
 from batch.state import GONE_CODE, LedgerState, Plan, parse_ts
 from batch.stop import Stopped, StopSignal
@@ -76,6 +77,7 @@ class Resources:
     limiter: SubmitLimiter
     uploads: UploadCache
     schedule: PollSchedule
+    slots: Slots
     metrics: Metrics
     stop: StopSignal
     options: RunOptions
@@ -131,6 +133,8 @@ class Job:
         self.submitted_mono = time.monotonic() - max(time.time() - self.submitted_wall, 0.0)
         self.resubmits = 0
         self.rate_limited = 0
+        self.holds_slot = False
+        self.started_mono = self.submitted_mono
         self.model = res.catalogue.get(row.model)
         # A model without an output_format field answers in its own format.
         self.format = row.output_format if takes(self.model, "output_format") else None
@@ -167,16 +171,26 @@ class Job:
             )
 
     async def _run(self) -> None:
+        try:
+            await self._attempts()
+        finally:
+            self._let_go()
+
+    async def _attempts(self) -> None:
         resumed = self.pid is not None
         while True:
             if self.pid is None:
                 self.pid = await self._submit()
                 self.submitted_wall, self.submitted_mono = time.time(), time.monotonic()
                 resumed = False
+            else:
+                await self._hold()
             # The task's deadline starts once the server has it, not while it waits its turn.
             deadline = time.monotonic() + self.res.options.timeout
             try:
                 prediction = await self._poll(self.pid, deadline, resumed)
+                # The server's slot is free: the next task may go while this one downloads.
+                self._let_go()
                 await self._finish(self.pid, prediction, deadline)
                 return
             except PredictionGone as exc:
@@ -230,6 +244,8 @@ class Job:
                     retry = self._retry("upload", res.options.retries)
                     images.append(await res.uploads.url_for(path, ref, retry))
         payload = request_payload(row, images, self.seed, self.model)
+        with res.stop.interruptible():
+            await self._hold()
         return await retrying(
             lambda: self._send(payload),
             what="submit",
@@ -240,6 +256,17 @@ class Job:
             wait_for=lambda exc, n: 0.0 if _is_429(exc) else None,
             sleep=self._pause,
         )
+
+    async def _hold(self) -> None:
+        """A place on the server for this row's task, held until its result is known."""
+        if not self.holds_slot:
+            await self.res.slots.acquire()
+            self.holds_slot = True
+
+    def _let_go(self) -> None:
+        if self.holds_slot:
+            self.holds_slot = False
+            self.res.slots.release()
 
     def _counts_against_retries(self, exc: Exception) -> bool:
         if not _is_429(exc):
@@ -356,12 +383,26 @@ class Job:
 
     async def _poll(self, pid: str, deadline: float, resumed: bool) -> Prediction:
         schedule = self.res.schedule
+        # When the server last had the task unstarted (submitted, or seen queued): its
+        # run time, which the schedule learns and polls by, counts from there.
+        self.started_mono = self.submitted_mono
         if not resumed:
-            schedule.begin(pid, self.submitted_mono)
+            schedule.begin(pid, self.started_mono)
         try:
             return await self._poll_until_done(pid, deadline, resumed)
         finally:
             schedule.end(pid)
+
+    def _seen_queued(self, pid: str, sent: float) -> None:
+        """The server had not started the task when the poll sent at ``sent`` reached it."""
+        res = self.res
+        self.started_mono = sent
+        res.schedule.begin(pid, sent)
+        if res.slots.saw_queued():
+            res.metrics.note("server queues", ahead=res.slots.ahead)
+            # A queued task starts the moment a slot frees, so a late look at a finished
+            # one no longer idles the server: fewer polls buy more than less lag.
+            res.schedule.set_lag_weight(QUEUED_LAG_WEIGHT)
 
     async def _poll_until_done(self, pid: str, deadline: float, resumed: bool) -> Prediction:
         res = self.res
@@ -373,7 +414,7 @@ class Job:
                 delay = 0.0
             else:
                 since = None if last_poll is None else now - last_poll
-                delay = res.schedule.next_delay(now - self.submitted_mono, since, now)
+                delay = res.schedule.next_delay(now - self.started_mono, since, now)
             if now + delay > deadline:
                 if now >= deadline:
                     raise DeadlinePassed(pid)
@@ -399,16 +440,18 @@ class Job:
                 if time.time() - self.submitted_wall >= GONE_GRACE_S:
                     raise
                 res.metrics.note("not yet visible", prediction_id=pid)
-                prediction = Prediction(pid, "created")
+                prediction = Prediction(pid, "not yet visible")
             last_poll = time.monotonic()
             if prediction.done:
                 if not resumed:
                     reported = prediction.inference_ms / 1000 if prediction.inference_ms else None
                     res.schedule.observe(
-                        latency_sample(last_pending, sent - self.submitted_mono, reported)
+                        latency_sample(last_pending, sent - self.started_mono, reported)
                     )
                 return prediction
-            last_pending = sent - self.submitted_mono
+            if prediction.status == "created" and not resumed:
+                self._seen_queued(pid, sent)
+            last_pending = sent - self.started_mono
 
     # -- outputs -----------------------------------------------------------
 

@@ -61,6 +61,7 @@ def check_zero_backoff() -> None:
 class RunOptions:
     out_dir: Path
     concurrency: int = 4
+    queue_ahead: int | None = None  # tasks queued on the server beyond it; None: automatic
     rate: float | None = None
     timeout: float = 600.0
     retries: int = 5

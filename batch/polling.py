@@ -25,7 +25,13 @@ GRID_STARTS = tuple(i / 40 for i in range(30))
 # One second of completion lag costs as much as this many polls: lag keeps a row waiting
 # for a slot, and the server idle, while a poll is one small request.
 LAG_WEIGHT = 6.0
+# Once the server holds queued tasks of the run, a finished task's slot is refilled at
+# once whenever it is noticed: lag then costs only the last tasks' wait.
+QUEUED_LAG_WEIGHT = 2.0
 GRID_SLACK = 0.1
+# Gaps as a share of a task's age while no latency is known yet: the first wave is seen
+# within a quarter of its age (a sixth of the run's tasks when rows are six times slots).
+UNKNOWN_SHARE = 0.25
 
 
 def latency_sample(lower: float, upper: float, reported: float | None) -> float:
@@ -55,6 +61,7 @@ class PollSchedule:
         self.floor = floor
         self.first = 2 * floor if first is None else first
         self.max_gap = max_gap
+        self.lag_weight = LAG_WEIGHT
         self._recent: deque[float] = deque(maxlen=WINDOW)
         self._sorted: list[float] = []
         self._running: dict[object, float] = {}
@@ -64,6 +71,11 @@ class PollSchedule:
     def begin(self, task: object, started: float) -> None:
         """A task was submitted at ``started`` (monotonic seconds)."""
         self._running[task] = started
+
+    def set_lag_weight(self, weight: float) -> None:
+        """How many polls one second of completion lag is worth from now on."""
+        self.lag_weight = weight
+        self._grid_cache = (-2.0, None)
 
     def end(self, task: object) -> None:
         self._running.pop(task, None)
@@ -110,7 +122,7 @@ class PollSchedule:
         Polls of one task may come no closer than the floor, so the schedule is a grid:
         a first poll, then one every floor. Where the grid starts decides both costs
         (early: more polls; late: completions noticed later); it is chosen on the recent
-        latencies to minimise polls + LAG_WEIGHT x lag. A task older than every latency
+        latencies to minimise polls + lag_weight x lag. A task older than every latency
         seen goes on to widening gaps."""
         known = self.quantiles(now)
         if len(known) < len(QUANTILES) - 1:
@@ -127,7 +139,7 @@ class PollSchedule:
                 k = math.ceil((latency - start) / gap - 1e-9) if latency > start else 0
                 polls += k + 1
                 lag += start + k * gap - latency
-            cost = polls + LAG_WEIGHT * lag
+            cost = polls + self.lag_weight * lag
             if best is None or cost < best[0]:
                 best = (cost, start)
         assert best is not None
@@ -154,9 +166,11 @@ class PollSchedule:
         for t in known:
             if t > elapsed + earliest:
                 return t - elapsed
-        # Past every known quantile (or nothing known yet): widen the gaps from there.
+        # Past every known quantile (or nothing known yet): widen the gaps from there,
+        # more slowly while nothing is known, since the first wave's lag idles the server.
         start = known[-1] if known else self.first
-        return max(self._widening(elapsed, start, 0.5) - elapsed, earliest)
+        share = 0.5 if known else UNKNOWN_SHARE
+        return max(self._widening(elapsed, start, share) - elapsed, earliest)
 
     def _widening(self, elapsed: float, start: float, share: float) -> float:
         """The next poll time: ``start``, then gaps that grow with the task's age, as the

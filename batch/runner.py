@@ -41,8 +41,9 @@ from batch.metrics import JsonLog
 from batch.models import known as known_models
 from batch.options import RunOptions
 from batch.outputs import existing_files
-from batch.polling import PollSchedule
+from batch.polling import LAG_WEIGHT, PollSchedule
 from batch.settle import Settler
+from batch.slots import Slots
 from batch.spend import SpendGuard
 from batch.state import Action, LedgerState, Plan, RowStatus, count_actions, merge_states, plan_row
 from batch.stop import Stopped, StopSignal
@@ -59,6 +60,7 @@ class Progress:
     completed: int = 0
     failed: int = 0
     in_flight: int = 0
+    queued: int = 0  # of those in flight, waiting on the server behind its cap
     skipped: int = 0
     submitted: int = 0
     stopping: bool = False
@@ -148,6 +150,7 @@ class Runner:
         self._fatal: BaseException | None = None
         self._workers: set[asyncio.Task[None]] = set()
         self._grace_task: asyncio.Task[None] | None = None
+        self._slots: Slots | None = None
         self._started = time.monotonic()
         self.prices = Prices(options.price)
         self.held = 0  # rows a damaged ledger line keeps from being submitted
@@ -226,6 +229,7 @@ class Runner:
                 max_tasks=opts.max_tasks,
                 others=others,
             )
+            slots = self._slots = Slots(opts.concurrency, opts.queue_ahead)
             res = Resources(
                 client=self.client,
                 writer=writer,
@@ -237,6 +241,7 @@ class Runner:
                 limiter=SubmitLimiter(opts.rate),
                 uploads=UploadCache(self.client, writer, self.state),
                 schedule=PollSchedule(floor=opts.poll_floor),
+                slots=slots,
                 metrics=self.metrics,
                 stop=self.stop,
                 options=opts,
@@ -247,7 +252,7 @@ class Runner:
             )
             self._emit()
             started = []
-            for n in range(max(1, opts.concurrency)):
+            for n in range(slots.workers):
                 task = asyncio.create_task(self._worker(res, work), name=f"worker-{n}")
                 started.append(task)
                 self._workers.add(task)
@@ -361,6 +366,11 @@ class Runner:
             task.cancel()
 
     async def _worker(self, res: Resources, work: Iterator[tuple[Row, Plan]]) -> None:
+        await self._rows(res, work)
+        # Nothing left to start: the lag of the tasks still out now adds to the run's end.
+        res.schedule.set_lag_weight(LAG_WEIGHT)
+
+    async def _rows(self, res: Resources, work: Iterator[tuple[Row, Plan]]) -> None:
         for row, plan in work:
             if self.stop.stopping and (self.stop.by is not None or plan.action is Action.SUBMIT):
                 return  # a signal ends everything not yet begun; a budget ends paying
@@ -402,6 +412,8 @@ class Runner:
         self.progress.submitted = self.state.submits - self._baseline.submits
 
     def _emit(self) -> None:
+        if self._slots is not None:
+            self.progress.queued = self._slots.queued
         if self._progress_cb is not None:
             self._progress_cb(self.progress)
 

@@ -98,7 +98,7 @@ def test_unwritable_output_keeps_the_prediction_and_stops_paying(
     path = write_manifest(simple_rows(images, 6))
     out = path.parent / "out"
     (out / "row-0000.jpg").mkdir(parents=True)  # a directory where the output goes
-    first = run(path, "--concurrency", "1")
+    first = run(path, "--concurrency", "1", "--queue-ahead", "0")  # one task at a time
     assert first.code == 1
     assert "cannot write row-0000.jpg" in first.summary["stop_reason"]
     assert emulator.stats.submits_accepted == 1
@@ -145,7 +145,9 @@ def test_full_disk_stops_submitting_and_loses_no_prediction(
     summary = json.loads(proc.stdout)
     assert proc.returncode == 1 and "cannot write" in summary["stop_reason"]
     billed = emulator.stats.submits_accepted
-    assert billed <= 3  # the failing row and at most one submit already under way per worker
+    # The failing row, and at most one submit already under way per other worker (two
+    # running, one queued ahead).
+    assert billed <= 4
     ends = last_events(out)
     assert all(e["prediction_id"] for e in ends.values())
     again = cli("run", path, "--base-url", emulator.base_url, "--out", out, "--no-progress")

@@ -160,7 +160,7 @@ def test_persistently_bad_download_fails_then_next_run_refetches(run, manifest, 
     """Bad bytes past --retries end the attempt with the prediction kept (in flight, counted
     as a failure cause); the next run re-downloads, no resubmit."""
     emulator.script("download", *["garbage"] * 3)
-    first = run(manifest, "--retries", "2", "--concurrency", "1")
+    first = run(manifest, "--retries", "2", "--concurrency", "1", "--queue-ahead", "0")
     assert first.code == 1
     assert first.summary["in_flight"] == 1 and first.summary["failed"] == 0
     assert any(cause.startswith("output") for cause in first.summary["failures"])

@@ -26,7 +26,8 @@ def test_a_retry_after_past_the_timeout_stops_submitting_at_once(
     emulator.config.retry_after = retry_after
     emulator.script("submit", "429")
     started = time.monotonic()
-    result = run(write_manifest(simple_rows(images, 4)), "--concurrency", "1", "--timeout", "30")
+    rows = write_manifest(simple_rows(images, 4))
+    result = run(rows, "--concurrency", "1", "--queue-ahead", "0", "--timeout", "30")
     assert time.monotonic() - started < 10
     assert result.code == 1
     assert "longer than --timeout 30" in result.summary["stop_reason"]
