@@ -26,7 +26,7 @@ import math
 import os
 import stat
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -235,23 +235,30 @@ def _read_line(fh: BinaryIO, offset: int) -> dict[str, Any]:
     return record
 
 
-def _sort_keys(out_dir: Path, handles: Sequence[BinaryIO]) -> tuple[list[bytes], str | None]:
+def _sort_keys(
+    out_dir: Path, handles: Sequence[BinaryIO], visit: Callable[[Pair], object] | None
+) -> tuple[list[bytes], str | None]:
     lines, rows, run_model = _deciding_lines(handles)
+    folder = str(out_dir)
     keys: list[bytes] = []
     for packed in lines:
         at, seq = divmod(packed, rows)
         number, offset = divmod(at, _SPAN)
-        outputs = _read_line(handles[number], offset).get("outputs")
+        record = _read_line(handles[number], offset)
+        outputs = record.get("outputs")
         if not isinstance(outputs, list):
             continue
         for index, name in enumerate(outputs):
             if not _safe_output_name(name):
                 continue
             # lstat: the runner never writes a symlink, so one here was planted.
-            if not _is_regular_file(out_dir / name, follow=False):
+            # os.path, not pathlib: a Path interns each name it is given.
+            if not _is_regular_file(os.path.join(folder, name), follow=False):
                 continue  # deleted since: the next run fetches it again
             tail = _KEY_TAIL.pack(seq, index, number, offset)
             keys.append(name.encode("utf-8", "surrogatepass") + b"\0" + tail)
+            if visit is not None:
+                visit(_pair(record, index, run_model))
     keys.sort()
     return keys, run_model
 
@@ -290,12 +297,14 @@ class Pairs:
 
 
 @contextlib.contextmanager
-def read_pairs(out_dir: Path) -> Iterator[Pairs]:
-    """Every completed output file of ``out_dir`` that exists, in name order."""
+def read_pairs(out_dir: Path, visit: Callable[[Pair], object] | None = None) -> Iterator[Pairs]:
+    """Every completed output file of ``out_dir`` that exists, in name order. ``visit``
+    sees each of them once on the way (in ledger order), for what needs no order:
+    it saves a pass."""
     paths = ledger_paths(out_dir)
     if not paths:
         raise UsageError(f"{out_dir} has no ledger.jsonl: not a wsbatch output folder")
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(open(path, "rb")) for path in paths]
-        keys, run_model = _sort_keys(out_dir, handles)
+        keys, run_model = _sort_keys(out_dir, handles, visit)
         yield Pairs(handles, keys, run_model)

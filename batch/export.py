@@ -252,10 +252,8 @@ def write_metadata(out_dir: Path) -> Path:
     do, explicit ones get a warning naming the ``data_files`` workaround.
     """
     out_dir = Path(out_dir)
-    with read_pairs(out_dir) as pairs:
-        kinds: dict[str, set[str]] = {}
-        for pair in pairs:
-            _add_kinds(kinds, pair)
+    kinds: dict[str, set[str]] = {}
+    with read_pairs(out_dir, lambda pair: _add_kinds(kinds, pair)) as pairs:
         return _write_metadata(out_dir, pairs, Originals(out_dir), _meta_columns(kinds))
 
 
@@ -335,6 +333,10 @@ class _Job:
     input_ext: str | None = None  # WebDataset: one extension per role, None for PNG
     edited_ext: str | None = None
 
+    def output(self, pair: Pair) -> str:
+        # os.path, not pathlib: a Path interns each name it is given, for every pair.
+        return os.path.join(self.out_dir, pair.file_name)
+
     def input_name(self, pair: Pair) -> str | None:
         """The cache name of the pair's input, None when it is not there."""
         if pair.is_url:
@@ -351,23 +353,36 @@ def _left_out(count: int, why: str, first: str) -> None:
     )
 
 
-def _gather_inputs(
-    out_dir: Path, pairs: Iterable[Pair], store: Originals
-) -> tuple[_Job, dict[str, str]]:
-    """Copy each local input into the cache and fetch each URL input there (once);
-    return the job that names them and ``{url: reason}`` for URLs that failed."""
-    local: dict[str, str | None] = {}
-    urls: set[str] = set()
-    for pair in pairs:
-        if pair.image_path is not None and pair.image_path not in local:
+@dataclass(slots=True)
+class _Gather:
+    """Sees every pair once (``add``): copies each local input into the cache (once),
+    notes each URL input to fetch, and the types of every pair's meta values (for
+    metadata.jsonl). NSFW-flagged pairs an export skips need no input."""
+
+    store: Originals
+    skip_nsfw: bool
+    local: dict[str, str | None] = field(default_factory=dict)
+    urls: set[str] = field(default_factory=set)
+    kinds: dict[str, set[str]] = field(default_factory=dict)
+
+    def add(self, pair: Pair) -> None:
+        _add_kinds(self.kinds, pair)
+        if self.skip_nsfw and pair.nsfw is True:
+            return
+        if pair.image_path is not None and pair.image_path not in self.local:
             try:
-                local[pair.image_path] = store.add_local(pair.image_path)
+                self.local[pair.image_path] = self.store.add_local(pair.image_path)
             except OSError:
-                local[pair.image_path] = None
+                self.local[pair.image_path] = None
         elif pair.is_url:
-            urls.add(str(pair.image))
-    store.save_local_index()
-    return _Job(out_dir, store, local), store.add_urls(urls)
+            self.urls.add(str(pair.image))
+
+    def finish(self, out_dir: Path) -> tuple[_Job, dict[str, str]]:
+        """Fetch the URL inputs; return the job that names every input copy and
+        ``{url: reason}`` for the URLs that could not be fetched."""
+        self.store.save_local_index()
+        failures = self.store.add_urls(self.urls)
+        return _Job(out_dir, self.store, self.local), failures
 
 
 @dataclass(slots=True)
@@ -376,7 +391,6 @@ class _Kept:
 
     keys: list[bytes] = field(default_factory=list)
     kinds: dict[str, set[str]] = field(default_factory=dict)  # of the kept pairs' meta
-    all_kinds: dict[str, set[str]] = field(default_factory=dict)  # of every pair's
     input_exts: set[str] = field(default_factory=set)
     edited_exts: set[str] = field(default_factory=set)
 
@@ -394,7 +408,6 @@ def _keep(
     skipped = missing = unreachable = 0
     first_missing = first_unreachable = ""
     for key, pair in pairs.items():
-        _add_kinds(kept.all_kinds, pair)
         if skip_nsfw and pair.nsfw is True:
             skipped += 1
             continue
@@ -404,7 +417,7 @@ def _keep(
             _add_kinds(kept.kinds, pair)
             if heads:
                 kept.input_exts.add(name.rsplit(".", 1)[-1])
-                kept.edited_exts.add(_ext_of(_head(job.out_dir / pair.file_name)))
+                kept.edited_exts.add(_ext_of(_head(job.output(pair))))
         elif pair.is_url:
             unreachable += 1
             reason = failures.get(str(pair.image))
@@ -423,7 +436,8 @@ def _keep(
 
 def _load(pair: Pair, job: _Job) -> _Loaded:
     try:
-        edited = (job.out_dir / pair.file_name).read_bytes()
+        with open(job.output(pair), "rb") as fh:
+            edited = fh.read()
         original = job.store.read(str(job.input_name(pair)))
     except OSError as exc:
         # Checked a moment ago: something is deleting files under the export.
@@ -627,9 +641,9 @@ def _sample_json(pair: Pair, columns: Sequence[_MetaColumn]) -> bytes:
     return json.dumps(record, ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
-def _head(path: Path) -> bytes:
+def _head(path: str) -> bytes:
     try:
-        with path.open("rb") as fh:
+        with open(path, "rb") as fh:
             return fh.read(16)
     except OSError:
         return b""
@@ -730,13 +744,13 @@ def export_dataset(
         _import_pyarrow()  # fail before any work when it is missing
     if to is not None and not to.strip():
         raise UsageError("--to needs a folder or a URL")
-    with read_pairs(out_dir) as everything:
-        store = Originals(out_dir)
-        wanted = (p for p in everything if not (skip_nsfw and p.nsfw is True))
-        job, failures = _gather_inputs(out_dir, wanted, store)
+    store = Originals(out_dir)
+    gather = _Gather(store, skip_nsfw)
+    with read_pairs(out_dir, gather.add) as everything:
+        job, failures = gather.finish(out_dir)
         kept = _keep(everything, job, failures, skip_nsfw=skip_nsfw, heads=fmt == "webdataset")
         # The copies are there now: metadata.jsonl can name them for imagefolder.
-        _write_metadata(out_dir, everything, store, _meta_columns(kept.all_kinds))
+        _write_metadata(out_dir, everything, store, _meta_columns(gather.kinds))
         if not kept.keys:
             raise UsageError(f"{out_dir} has no completed outputs to export")
         dest = to if to is not None else str(out_dir / DEFAULT_EXPORT_DIR / fmt)

@@ -59,6 +59,8 @@ def _apply_record(state: LedgerState, record: dict[str, Any], keep_last: bool, l
 
 
 CHUNK_BYTES = 1 << 20
+# What iter_ledger_events reads at a time: its memory is a few times this.
+STREAM_BYTES = 1 << 18
 
 
 def _lines(data: bytes, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
@@ -157,7 +159,7 @@ def read_ledger(path: Path, *, keep_last: bool = True) -> tuple[LedgerState, int
 
 def iter_ledger_events(source: Path | BinaryIO) -> Iterator[tuple[int, dict[str, Any], Event]]:
     """Each readable event of a ledger, in file order: (offset of its line, the line's
-    record as written, the event). No state is built and about 1 MB is read at a time,
+    record as written, the event). No state is built and STREAM_BYTES are read at a time,
     so memory does not grow with the ledger. What ``read_ledger`` counts as damage,
     unknown events and a torn last line are skipped. ``source`` may be a file opened
     for binary reading (read from where it stands): a reader that seeks back to the
@@ -177,7 +179,7 @@ def _iter_events(fh: BinaryIO) -> Iterator[tuple[int, dict[str, Any], Event]]:
     base = fh.tell()
     carry = b""
     while True:
-        block = fh.read(CHUNK_BYTES)
+        block = fh.read(STREAM_BYTES)
         if not block:
             return  # what is left in carry has no newline: a torn last line
         data = carry + block
