@@ -10,7 +10,9 @@ gives one sample per output file. ``export_dataset`` writes the completed
 images as ``{bytes, path}`` structs typed ``Image`` in the embedded ``datasets``
 features) or as WebDataset tar shards (``shard-NNNNNN.tar``), to a folder or any
 fsspec URL. Both are streamed a row group / a sample at a time and are byte-for-byte
-reproducible: the same ledger and files give the same bytes.
+reproducible: the same ledger and files give the same bytes. The rows come from
+``batch.completed``, which reads the ledger in passes and holds a sort key and an offset
+per output rather than its events: metadata.jsonl, too, is written a line at a time.
 
 All three name their columns as diffusers' InstructPix2Pix training script reads them
 by default: ``input_image``, ``edit_prompt``, ``edited_image``. Inputs are embedded as
