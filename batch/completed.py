@@ -3,7 +3,8 @@ never holds their events: what ``metadata.jsonl`` and the exports are made of.
 
 A row's final state is decided by its last events, and a ledger may hold several runs'
 events for one row (retries, a failed then completed row, ``--retry-failed``, shards).
-So the ledgers are read in passes, each keeping a few dozen bytes per row:
+So the ledgers are read in passes, keeping about a hundred bytes a row (its id, an
+offset, a sort key), never its events:
 
 1. every event goes through the reducer's own ``apply`` (``batch.state``), on a one-row
    scratch state seeded with what is kept per row: whether its base status is

@@ -1,4 +1,4 @@
-"""Streamed dataset files (issue 18): the ledger is read in passes that keep a few dozen
+"""Streamed dataset files (issue 18): the ledger is read in passes that keep about a hundred
 bytes a row, never its events, and each row is decided by the reducer's own rules, however
 many runs (and shards) wrote about it. Output folders are fabricated: fast."""
 
@@ -225,7 +225,7 @@ def _small_reads(monkeypatch):
 
 
 def test_metadata_jsonl_memory_grows_by_bytes_not_events_per_row(tmp_path):
-    """write_metadata holds a few dozen bytes a row (its sort key and row offsets), far
+    """write_metadata holds about a hundred bytes a row (its sort key and row offsets), far
     below one event's ~1 KB: from 500 to 2,000 rows its peak grows < 400 B a row."""
     assert _peak_per_row(tmp_path, write_metadata) < 400
 
