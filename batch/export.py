@@ -10,7 +10,9 @@ gives one sample per output file. ``export_dataset`` writes the completed
 images as ``{bytes, path}`` structs typed ``Image`` in the embedded ``datasets``
 features) or as WebDataset tar shards (``shard-NNNNNN.tar``), to a folder or any
 fsspec URL. Both are streamed a row group / a sample at a time and are byte-for-byte
-reproducible: the same ledger and files give the same bytes.
+reproducible: the same ledger and files give the same bytes. The rows come from
+``batch.completed``, which reads the ledger in passes and holds a sort key and an offset
+per output rather than its events: metadata.jsonl, too, is written a line at a time.
 
 All three name their columns as diffusers' InstructPix2Pix training script reads them
 by default: ``input_image``, ``edit_prompt``, ``edited_image``. Inputs are embedded as
@@ -27,28 +29,27 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import logging
 import math
 import os
 import re
-import stat
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from batch.completed import METADATA_NAME as METADATA_NAME
+from batch.completed import Pair, Pairs, read_pairs
 from batch.errors import BatchError, UsageError
-from batch.files import TEMP_PREFIX, TEMP_SUFFIX, atomic_file, write_atomic_sync
+from batch.files import TEMP_PREFIX, TEMP_SUFFIX, atomic_file
 from batch.images import extension, sniff_image
-from batch.ledger import ledger_paths, read_ledgers
 from batch.originals import Originals
-from batch.state import RowStatus
 
 log = logging.getLogger("wsbatch.export")
 
-METADATA_NAME = "metadata.jsonl"
 FORMATS = ("parquet", "webdataset")
 INSTALL_HINT = "pip install 'wsbatch[export]'"
 # The default destination is OUT_DIR/.export/<format>. Hidden on purpose: the imagefolder
@@ -110,131 +111,11 @@ _TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r".*" + re.escape(TEMP_SUFFIX))
 _INT64 = (-(2**63), 2**63 - 1)
 
 
-# -- what the ledger says ------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Pair:
-    """One completed output file and what produced it."""
-
-    file_name: str  # relative to OUT_DIR (outputs sit at its top level)
-    index: int  # position among its row's outputs
-    row: str
-    prompt: str | None
-    seed: int | None
-    model: str | None
-    prediction_id: str | None
-    inference_ms: int | None
-    nsfw: bool | None
-    sha256: str | None
-    image: str | None  # the manifest's reference: a path relative to it, or a URL
-    image_path: str | None  # absolute local path of the input; None for URL inputs
-    meta: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_url(self) -> bool:
-        return self.image_path is None and self.image is not None and "://" in self.image
-
-
 @dataclass(frozen=True, slots=True)
 class _MetaColumn:
     key: str  # the key in the manifest's `meta`
     name: str  # the column name in every dataset file
     kind: str  # "bool", "int", "float" or "string": one type per column
-
-
-def _is_regular_file(path: str | os.PathLike[str], *, follow: bool) -> bool:
-    try:
-        st = os.stat(path) if follow else os.lstat(path)
-    except (OSError, ValueError):
-        return False
-    return stat.S_ISREG(st.st_mode)
-
-
-def _safe_output_name(name: Any) -> bool:
-    # Output names come from validated ids; a hand-edited ledger must still not be able
-    # to pull "../secret" or "/etc/passwd" into a dataset.
-    return (
-        isinstance(name, str)
-        and bool(name)
-        and name == os.path.basename(name)
-        and "\\" not in name
-        and not name.startswith(".")
-        and name not in (METADATA_NAME,)
-    )
-
-
-def _item(values: Any, index: int) -> Any:
-    return values[index] if isinstance(values, list) and index < len(values) else None
-
-
-def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def _number_or_none(value: Any) -> int | float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return None
-        if value.is_integer():
-            return int(value)  # one JSON type per column for the loaders
-    return value
-
-
-def _milliseconds(value: Any) -> int | None:
-    # One integer column: a fraction of a millisecond says nothing a loader needs.
-    number = _number_or_none(value)
-    return None if number is None else round(number)
-
-
-def _collect(out_dir: Path) -> list[_Pair]:
-    """Every completed output file that exists, sorted by file name."""
-    paths = ledger_paths(out_dir)
-    if not paths:
-        raise UsageError(f"{out_dir} has no ledger.jsonl: not a wsbatch output folder")
-    state = read_ledgers(paths)
-    # Completed events written before they carried the model fall back to the run's.
-    run_model = next(
-        (r["model"] for r in reversed(state.runs) if isinstance(r.get("model"), str)), None
-    )
-    pairs: list[_Pair] = []
-    for row_id, row in state.rows.items():
-        if row.status is not RowStatus.COMPLETED:
-            continue
-        event = row.last
-        outputs = event.get("outputs")
-        if not isinstance(outputs, list):
-            continue
-        meta = event.get("meta")
-        seed = event.get("seed")
-        for index, name in enumerate(outputs):
-            if not _safe_output_name(name):
-                continue
-            # lstat: the runner never writes a symlink, so one here was planted.
-            if not _is_regular_file(out_dir / name, follow=False):
-                continue  # deleted since: the next run fetches it again
-            nsfw = _item(event.get("nsfw"), index)
-            pairs.append(
-                _Pair(
-                    file_name=name,
-                    index=index,
-                    row=row_id,
-                    prompt=_str_or_none(event.get("prompt")),
-                    seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
-                    model=_str_or_none(event.get("model")) or run_model,
-                    prediction_id=_str_or_none(event.get("prediction_id")),
-                    inference_ms=_milliseconds(event.get("inference_ms")),
-                    nsfw=nsfw if isinstance(nsfw, bool) else None,
-                    sha256=_str_or_none(_item(event.get("sha256"), index)),
-                    image=_str_or_none(event.get("image")),
-                    image_path=_str_or_none(event.get("image_path")),
-                    meta={str(k): v for k, v in meta.items()} if isinstance(meta, dict) else {},
-                )
-            )
-    pairs.sort(key=lambda p: p.file_name)
-    return pairs
 
 
 # -- meta fields as columns ----------------------------------------------------
@@ -255,20 +136,23 @@ def _kind(value: Any) -> str:
     return "string"
 
 
-def _meta_columns(pairs: Sequence[_Pair]) -> list[_MetaColumn]:
-    """One column per meta key across all rows, each with one type.
+def _add_kinds(kinds: dict[str, set[str]], pair: Pair) -> None:
+    """Note the types of one pair's meta values, for ``_meta_columns``."""
+    for key, value in pair.meta.items():
+        seen = kinds.setdefault(key, set())
+        if value is not None:
+            seen.add(_kind(value))
+
+
+def _meta_columns(kinds: Mapping[str, set[str]]) -> list[_MetaColumn]:
+    """One column per meta key across all rows (``kinds``: the types each key's values
+    took, from ``_add_kinds``), each with one type.
 
     A key that would clash with a standard column, or that imagefolder would read as
     a file path (``*_file_name``), gets a ``meta_`` prefix (and ``filename``): every
     file then loads. Values of mixed types (CSV strings next to YAML numbers) become
     strings, since a column has one type in Parquet and in the JSON loader.
     """
-    kinds: dict[str, set[str]] = {}
-    for pair in pairs:
-        for key, value in pair.meta.items():
-            seen = kinds.setdefault(key, set())
-            if value is not None:
-                seen.add(_kind(value))
     taken: set[str] = set(STANDARD_KEYS) | set(kinds)
     columns = []
     for key in sorted(kinds):
@@ -301,7 +185,7 @@ def _meta_value(column: _MetaColumn, value: Any) -> Any:
     return value
 
 
-def _meta_fields(pair: _Pair, columns: Sequence[_MetaColumn]) -> dict[str, Any]:
+def _meta_fields(pair: Pair, columns: Sequence[_MetaColumn]) -> dict[str, Any]:
     # Every column on every line: the JSON loader infers its schema from the first block.
     return {c.name: _meta_value(c, pair.meta.get(c.key)) for c in columns}
 
@@ -318,7 +202,7 @@ def _is_absolute(reference: str) -> bool:
     )
 
 
-def _input_source(pair: _Pair) -> str | None:
+def _input_source(pair: Pair) -> str | None:
     """Where the input came from, fit to travel with a dataset: its URL (secrets masked,
     as in the ledger) or the path the manifest gave; an absolute path is cut to its file
     name, since this machine's folders mean nothing elsewhere."""
@@ -328,7 +212,7 @@ def _input_source(pair: _Pair) -> str | None:
     return re.split(r"[\\/]", source)[-1] if source else None
 
 
-def _cached_original(pair: _Pair, store: Originals) -> str | None:
+def _cached_original(pair: Pair, store: Originals) -> str | None:
     """The input's copy in OUT_DIR/.originals, if an export put it there."""
     if not store.exists:
         return None  # no export yet: do not read every input to find nothing
@@ -339,7 +223,7 @@ def _cached_original(pair: _Pair, store: Originals) -> str | None:
     return None
 
 
-def _scalars(pair: _Pair) -> dict[str, Any]:
+def _scalars(pair: Pair) -> dict[str, Any]:
     return {
         "row": pair.row,
         "seed": pair.seed,
@@ -370,32 +254,38 @@ def write_metadata(out_dir: Path) -> Path:
     do, explicit ones get a warning naming the ``data_files`` workaround.
     """
     out_dir = Path(out_dir)
-    return _write_metadata(out_dir, _collect(out_dir), Originals(out_dir))
+    kinds: dict[str, set[str]] = {}
+    with read_pairs(out_dir, lambda pair: _add_kinds(kinds, pair)) as pairs:
+        return _write_metadata(out_dir, pairs, Originals(out_dir), _meta_columns(kinds))
 
 
-def _write_metadata(out_dir: Path, pairs: Sequence[_Pair], store: Originals) -> Path:
-    columns = _meta_columns(pairs)
-    lines = []
-    for pair in pairs:
-        cached = _cached_original(pair, store)
-        record: dict[str, Any] = {
-            "input_image_file_name": store.reference(cached) if cached else None,
-            "edit_prompt": pair.prompt,
-            "edited_image_file_name": pair.file_name,
-            **_scalars(pair),
-            **_meta_fields(pair, columns),
-        }
-        lines.append(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+def _write_metadata(
+    out_dir: Path, pairs: Iterable[Pair], store: Originals, columns: Sequence[_MetaColumn]
+) -> Path:
+    """Write the lines one by one into the file that replaces metadata.jsonl."""
+    split_named, first = 0, ""
     dest = out_dir / METADATA_NAME
-    write_atomic_sync(dest, "".join(lines).encode("utf-8"))
-    split_named = [p.file_name for p in pairs if _SPLIT_WORD.search(p.file_name)]
+    with atomic_file(dest) as fh:
+        for pair in pairs:
+            cached = _cached_original(pair, store)
+            record: dict[str, Any] = {
+                "input_image_file_name": store.reference(cached) if cached else None,
+                "edit_prompt": pair.prompt,
+                "edited_image_file_name": pair.file_name,
+                **_scalars(pair),
+                **_meta_fields(pair, columns),
+            }
+            line = json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
+            fh.write(line.encode("utf-8"))
+            if _SPLIT_WORD.search(pair.file_name):
+                split_named, first = split_named + 1, first or pair.file_name
     if split_named:
         log.warning(
             "wsbatch: warning: %d output name(s) hold a split word (first: %s): "
             'load_dataset("imagefolder", data_dir=...) would make splits of them; load with '
             'data_files={"train": "%s/**"} instead',
-            len(split_named),
-            split_named[0],
+            split_named,
+            first,
             out_dir,
         )
     return dest
@@ -429,7 +319,7 @@ def _ext_of(data: bytes) -> str:
 
 @dataclass(slots=True)
 class _Loaded:
-    pair: _Pair
+    pair: Pair
     original: bytes
     edited: bytes
 
@@ -440,8 +330,20 @@ class _Job:
 
     out_dir: Path
     store: Originals
-    inputs: dict[str, str]  # output file name -> cache name of its input
-    columns: list[_MetaColumn]
+    local: dict[str, str | None]  # local input path -> its cache name (None: unreadable)
+    columns: list[_MetaColumn] = field(default_factory=list)
+    input_ext: str | None = None  # WebDataset: one extension per role, None for PNG
+    edited_ext: str | None = None
+
+    def output(self, pair: Pair) -> str:
+        # os.path, not pathlib: a Path interns each name it is given, for every pair.
+        return os.path.join(self.out_dir, pair.file_name)
+
+    def input_name(self, pair: Pair) -> str | None:
+        """The cache name of the pair's input, None when it is not there."""
+        if pair.is_url:
+            return self.store.urls.get(str(pair.image))
+        return self.local.get(pair.image_path) if pair.image_path is not None else None
 
 
 def _left_out(count: int, why: str, first: str) -> None:
@@ -453,61 +355,103 @@ def _left_out(count: int, why: str, first: str) -> None:
     )
 
 
-def _gather_inputs(pairs: Sequence[_Pair], store: Originals) -> tuple[list[_Pair], dict[str, str]]:
-    """Copy each local input into the cache and fetch each URL input there (once);
-    return the pairs whose input is there, and their cache names.
+@dataclass(slots=True)
+class _Gather:
+    """Sees every pair once (``add``): copies each local input into the cache (once),
+    notes each URL input to fetch, and the types of every pair's meta values (for
+    metadata.jsonl). NSFW-flagged pairs an export skips need no input."""
+
+    store: Originals
+    skip_nsfw: bool
+    local: dict[str, str | None] = field(default_factory=dict)
+    urls: set[str] = field(default_factory=set)
+    kinds: dict[str, set[str]] = field(default_factory=dict)
+
+    def add(self, pair: Pair) -> None:
+        _add_kinds(self.kinds, pair)
+        if self.skip_nsfw and pair.nsfw is True:
+            return
+        if pair.image_path is not None and pair.image_path not in self.local:
+            try:
+                self.local[pair.image_path] = self.store.add_local(pair.image_path)
+            except OSError:
+                self.local[pair.image_path] = None
+        elif pair.is_url:
+            self.urls.add(str(pair.image))
+
+    def finish(self, out_dir: Path) -> tuple[_Job, dict[str, str]]:
+        """Fetch the URL inputs; return the job that names every input copy and
+        ``{url: reason}`` for the URLs that could not be fetched."""
+        self.store.save_local_index()
+        failures = self.store.add_urls(self.urls)
+        return _Job(out_dir, self.store, self.local), failures
+
+
+@dataclass(slots=True)
+class _Kept:
+    """The pairs an export writes, and what the loaders need to know of them first."""
+
+    keys: list[bytes] = field(default_factory=list)
+    kinds: dict[str, set[str]] = field(default_factory=dict)  # of the kept pairs' meta
+    input_exts: set[str] = field(default_factory=set)
+    edited_exts: set[str] = field(default_factory=set)
+
+
+def _keep(
+    pairs: Pairs, job: _Job, failures: Mapping[str, str], *, skip_nsfw: bool, heads: bool
+) -> _Kept:
+    """The pairs whose input is there (and, with ``skip_nsfw``, not flagged NSFW).
 
     An input that is gone, unknown to the ledger or unreachable would give a pair the
     loaders cannot decode: such pairs are left out, with a warning naming the first.
+    ``heads`` also reads the first bytes of every kept output, for WebDataset's names.
     """
-    local: dict[str, str | None] = {}
-    for pair in pairs:
-        if pair.image_path is not None and pair.image_path not in local:
-            try:
-                local[pair.image_path] = store.add_local(pair.image_path)
-            except OSError:
-                local[pair.image_path] = None
-    store.save_local_index()
-    failures = store.add_urls(str(p.image) for p in pairs if p.is_url)
-    kept: list[_Pair] = []
-    names: dict[str, str] = {}
-    missing: list[str] = []
-    unreachable: list[str] = []
-    for pair in pairs:
-        name = (
-            store.urls.get(str(pair.image))
-            if pair.is_url
-            else local.get(pair.image_path)
-            if pair.image_path is not None
-            else None
-        )
+    kept = _Kept()
+    skipped = missing = unreachable = 0
+    first_missing = first_unreachable = ""
+    for key, pair in pairs.items():
+        if skip_nsfw and pair.nsfw is True:
+            skipped += 1
+            continue
+        name = job.input_name(pair)
         if name is not None:
-            kept.append(pair)
-            names[pair.file_name] = name
+            kept.keys.append(key)
+            _add_kinds(kept.kinds, pair)
+            if heads:
+                kept.input_exts.add(name.rsplit(".", 1)[-1])
+                kept.edited_exts.add(_ext_of(_head(job.output(pair))))
         elif pair.is_url:
-            unreachable.append(f"{pair.file_name}: {pair.image}: {failures.get(str(pair.image))}")
+            unreachable += 1
+            reason = failures.get(str(pair.image))
+            first_unreachable = first_unreachable or f"{pair.file_name}: {pair.image}: {reason}"
         else:
-            missing.append(pair.file_name)
+            missing += 1
+            first_missing = first_missing or pair.file_name
+    if skipped:
+        log.info("wsbatch: %d NSFW-flagged output(s) left out", skipped)
     if missing:
-        _left_out(len(missing), "their input image is gone or unknown to the ledger", missing[0])
+        _left_out(missing, "their input image is gone or unknown to the ledger", first_missing)
     if unreachable:
-        _left_out(len(unreachable), "their input URL could not be fetched", unreachable[0])
-    return kept, names
+        _left_out(unreachable, "their input URL could not be fetched", first_unreachable)
+    return kept
 
 
-def _load(pair: _Pair, job: _Job) -> _Loaded:
+def _load(pair: Pair, job: _Job) -> _Loaded:
     try:
-        edited = (job.out_dir / pair.file_name).read_bytes()
-        original = job.store.read(job.inputs[pair.file_name])
+        with open(job.output(pair), "rb") as fh:
+            edited = fh.read()
+        original = job.store.read(str(job.input_name(pair)))
     except OSError as exc:
         # Checked a moment ago: something is deleting files under the export.
         raise BatchError(f"cannot read {exc.filename or exc}: {exc.strerror or ''}") from None
     return _Loaded(pair, original, edited)
 
 
-def _chunks(items: Sequence[_Pair], size: int) -> Iterator[Sequence[_Pair]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _shards(pairs: Pairs, size: int) -> Iterator[Iterator[Pair]]:
+    """The pairs in runs of ``size``, each consumed before the next is asked for."""
+    rest = iter(pairs)
+    for _ in range(math.ceil(len(pairs) / size)):
+        yield itertools.islice(rest, size)
 
 
 def _is_local(fs: Any) -> bool:
@@ -600,10 +544,10 @@ def _parquet_schema(pa: Any, columns: Sequence[_MetaColumn]) -> Any:
     return pa.schema(fields, metadata=metadata)
 
 
-def _input_name(pair: _Pair, job: _Job) -> str:
+def _input_name(pair: Pair, job: _Job) -> str:
     # The image's `path`: a name, never this machine's folders. The cache name is
     # unique per content and carries the right extension.
-    return job.inputs[pair.file_name]
+    return str(job.input_name(pair))
 
 
 def _parquet_table(pa: Any, schema: Any, group: Sequence[_Loaded], job: _Job) -> Any:
@@ -620,7 +564,7 @@ def _parquet_table(pa: Any, schema: Any, group: Sequence[_Loaded], job: _Job) ->
     return pa.table(data, schema=schema)
 
 
-def _row_groups(pairs: Sequence[_Pair], job: _Job) -> Iterator[list[_Loaded]]:
+def _row_groups(pairs: Iterable[Pair], job: _Job) -> Iterator[list[_Loaded]]:
     """Read pairs in groups of at most ROW_GROUP_ROWS rows / about ROW_GROUP_BYTES."""
     group: list[_Loaded] = []
     size = 0
@@ -635,9 +579,7 @@ def _row_groups(pairs: Sequence[_Pair], job: _Job) -> Iterator[list[_Loaded]]:
         yield group
 
 
-def _write_parquet(
-    fs: Any, root: str, pairs: Sequence[_Pair], job: _Job, shard_size: int
-) -> list[str]:
+def _write_parquet(fs: Any, root: str, pairs: Pairs, job: _Job, shard_size: int) -> list[str]:
     pa, pq = _import_pyarrow()
     schema = _parquet_schema(pa, job.columns)
     # Statistics of image bytes are useless and large; keep them for the scalar columns.
@@ -645,7 +587,7 @@ def _write_parquet(
     pool = pa.default_memory_pool()
     total = math.ceil(len(pairs) / shard_size)
     written: list[str] = []
-    for number, chunk in enumerate(_chunks(pairs, shard_size)):
+    for number, chunk in enumerate(_shards(pairs, shard_size)):
         path = f"{root}/data/train-{number:05d}-of-{total:05d}.parquet"
         with _open_for_write(fs, path) as fh:
             writer = pq.ParquetWriter(
@@ -671,7 +613,7 @@ def _write_parquet(
 # -- WebDataset ---------------------------------------------------------------------------
 
 
-def _sample_key(pair: _Pair) -> str:
+def _sample_key(pair: Pair) -> str:
     """The output's file name without its extension, with no dot left: WebDataset splits
     member names at the first dot. ``cat.png`` gives ``cat``, ``cat-2.png`` (the second
     output of row ``cat``) ``cat-2``, as in OUT_DIR. Names never hold '%', so the
@@ -690,7 +632,7 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _sample_json(pair: _Pair, columns: Sequence[_MetaColumn]) -> bytes:
+def _sample_json(pair: Pair, columns: Sequence[_MetaColumn]) -> bytes:
     record: dict[str, Any] = {
         "edit_prompt": pair.prompt,
         "file_name": pair.file_name,
@@ -701,9 +643,9 @@ def _sample_json(pair: _Pair, columns: Sequence[_MetaColumn]) -> bytes:
     return json.dumps(record, ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
-def _head(path: Path) -> bytes:
+def _head(path: str) -> bytes:
     try:
-        with path.open("rb") as fh:
+        with open(path, "rb") as fh:
             return fh.read(16)
     except OSError:
         return b""
@@ -737,15 +679,10 @@ def _member(data: bytes, ext: str | None) -> tuple[str, bytes]:
     return "png", data if _ext_of(data) == "png" else _as_png(data)
 
 
-def _write_webdataset(
-    fs: Any, root: str, pairs: Sequence[_Pair], job: _Job, shard_size: int
-) -> list[str]:
-    # Loaders (`datasets`' webdataset builder, for one) take the member names of the
-    # first samples for the columns of all: every sample has the same three names.
-    input_ext = _role_extension(job.inputs[p.file_name].rsplit(".", 1)[-1] for p in pairs)
-    edited_ext = _role_extension(_ext_of(_head(job.out_dir / p.file_name)) for p in pairs)
+def _write_webdataset(fs: Any, root: str, pairs: Pairs, job: _Job, shard_size: int) -> list[str]:
+    input_ext, edited_ext = job.input_ext, job.edited_ext
     written: list[str] = []
-    for number, chunk in enumerate(_chunks(pairs, shard_size)):
+    for number, chunk in enumerate(_shards(pairs, shard_size)):
         path = f"{root}/shard-{number:06d}.tar"
         with (
             _open_for_write(fs, path) as fh,
@@ -809,28 +746,31 @@ def export_dataset(
         _import_pyarrow()  # fail before any work when it is missing
     if to is not None and not to.strip():
         raise UsageError("--to needs a folder or a URL")
-    everything = _collect(out_dir)
-    pairs = everything
-    if skip_nsfw:
-        pairs = [p for p in everything if p.nsfw is not True]
-        if len(pairs) < len(everything):
-            log.info("wsbatch: %d NSFW-flagged output(s) left out", len(everything) - len(pairs))
     store = Originals(out_dir)
-    pairs, inputs = _gather_inputs(pairs, store)
-    # The copies are there now: metadata.jsonl can name them for imagefolder.
-    _write_metadata(out_dir, everything, store)
-    if not pairs:
-        raise UsageError(f"{out_dir} has no completed outputs to export")
-    dest = to if to is not None else str(out_dir / DEFAULT_EXPORT_DIR / fmt)
-    fs, root = fsspec.core.url_to_fs(dest, **dict(storage_options or {}))
-    root = str(root).rstrip("/")
-    if fmt == "parquet" and _is_local(fs) and _visible_inside(Path(root), out_dir):
-        log.warning(
-            'wsbatch: warning: %s is inside %s: load_dataset("imagefolder", data_dir=...) '
-            "would take its train-* files for a split; export elsewhere or to a hidden folder",
-            root,
-            out_dir,
-        )
-    job = _Job(out_dir, store, inputs, _meta_columns(pairs))
-    write = _write_parquet if fmt == "parquet" else _write_webdataset
-    return [_public(fs, path) for path in write(fs, root, pairs, job, shard_size)]
+    gather = _Gather(store, skip_nsfw)
+    with read_pairs(out_dir, gather.add) as everything:
+        job, failures = gather.finish(out_dir)
+        kept = _keep(everything, job, failures, skip_nsfw=skip_nsfw, heads=fmt == "webdataset")
+        # The copies are there now: metadata.jsonl can name them for imagefolder.
+        _write_metadata(out_dir, everything, store, _meta_columns(gather.kinds))
+        if not kept.keys:
+            raise UsageError(f"{out_dir} has no completed outputs to export")
+        dest = to if to is not None else str(out_dir / DEFAULT_EXPORT_DIR / fmt)
+        fs, root = fsspec.core.url_to_fs(dest, **dict(storage_options or {}))
+        root = str(root).rstrip("/")
+        if fmt == "parquet" and _is_local(fs) and _visible_inside(Path(root), out_dir):
+            log.warning(
+                'wsbatch: warning: %s is inside %s: load_dataset("imagefolder", data_dir=...) '
+                "would take its train-* files for a split; export elsewhere or to a hidden "
+                "folder",
+                root,
+                out_dir,
+            )
+        job.columns = _meta_columns(kept.kinds)
+        # Loaders (`datasets`' webdataset builder, for one) take the member names of the
+        # first samples for the columns of all: every sample has the same three names.
+        job.input_ext = _role_extension(kept.input_exts)
+        job.edited_ext = _role_extension(kept.edited_exts)
+        write = _write_parquet if fmt == "parquet" else _write_webdataset
+        written = write(fs, root, everything.select(kept.keys), job, shard_size)
+    return [_public(fs, path) for path in written]

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from batch.bulk import gc_paused
 from batch.events import DamagedLine, Event, decode
@@ -59,6 +59,8 @@ def _apply_record(state: LedgerState, record: dict[str, Any], keep_last: bool, l
 
 
 CHUNK_BYTES = 1 << 20
+# What iter_ledger_events reads at a time: its memory is a few times this.
+STREAM_BYTES = 1 << 18
 
 
 def _lines(data: bytes, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
@@ -153,6 +155,59 @@ def read_ledger(path: Path, *, keep_last: bool = True) -> tuple[LedgerState, int
     for damage in state.damage:
         damage.path = path.name
     return state, good_end
+
+
+def iter_ledger_events(source: Path | BinaryIO) -> Iterator[tuple[int, dict[str, Any], Event]]:
+    """Each readable event of a ledger, in file order: (offset of its line, the line's
+    record as written, the event). No state is built and STREAM_BYTES are read at a time,
+    so memory does not grow with the ledger. What ``read_ledger`` counts as damage,
+    unknown events and a torn last line are skipped. ``source`` may be a file opened
+    for binary reading (read from where it stands): a reader that seeks back to the
+    offsets later then sees the very file it scanned, even if it has been replaced."""
+    if not isinstance(source, Path):
+        yield from _iter_events(source)
+        return
+    try:
+        fh = open(source, "rb")  # noqa: SIM115 - closed below; a generator holds it
+    except FileNotFoundError:
+        return
+    with fh:
+        yield from _iter_events(fh)
+
+
+def _iter_events(fh: BinaryIO) -> Iterator[tuple[int, dict[str, Any], Event]]:
+    base = fh.tell()
+    carry = b""
+    while True:
+        block = fh.read(STREAM_BYTES)
+        if not block:
+            return  # what is left in carry has no newline: a torn last line
+        data = carry + block
+        end = data.rfind(b"\n") + 1
+        data, carry = data[:end], data[end:]
+        for start, stop, records in _chunks(data):
+            line_start = start
+            if records is None:  # a blank or damaged line in this run: one line at a time
+                for line_end, line in _lines(data, start, stop):
+                    record = _parse(line) if line.strip() else None
+                    event = _decoded(record) if record is not None else None
+                    if event is not None and record is not None:
+                        yield base + line_start, record, event
+                    line_start = line_end
+                continue
+            for record in records:  # every line of a run that parsed whole is one record
+                event = _decoded(record)
+                if event is not None:
+                    yield base + line_start, record, event
+                line_start = data.index(b"\n", line_start) + 1
+        base += end
+
+
+def _decoded(record: dict[str, Any]) -> Event | None:
+    try:
+        return decode(record)
+    except DamagedLine:
+        return None
 
 
 def first_manifest(path: Path) -> str | None:

@@ -62,18 +62,19 @@ def fabricate(root: Path, rows: int, inputs: int, size: int) -> tuple[Path, int,
     photos.mkdir(parents=True)
     out.mkdir()
     input_sizes = [noise_image(photos / f"img{i:04d}.png", size, "PNG") for i in range(inputs)]
-    events: list[dict[str, Any]] = [
-        {"ts": "2026-01-01T00:00:00.000Z", "event": "run", "model": "m/x", "rows": rows}
-    ]
-    in_bytes = out_bytes = 0
-    for n in range(rows):
-        row = f"{n:012x}"
-        name = f"{row}.jpg"
-        out_bytes += noise_image(out / name, size, "JPEG")
-        image = n % inputs
-        in_bytes += input_sizes[image]
-        events.append(
-            {
+    # Written line by line: a parent holding 100k events would swell every child's peak
+    # RSS too (a forked child's ``ru_maxrss`` counts the pages it was forked with).
+    with (out / "ledger.jsonl").open("w") as ledger:
+        run = {"ts": "2026-01-01T00:00:00.000Z", "event": "run", "model": "m/x", "rows": rows}
+        ledger.write(json.dumps(run) + "\n")
+        in_bytes = out_bytes = 0
+        for n in range(rows):
+            row = f"{n:012x}"
+            name = f"{row}.jpg"
+            out_bytes += noise_image(out / name, size, "JPEG")
+            image = n % inputs
+            in_bytes += input_sizes[image]
+            event = {
                 "ts": "2026-01-01T00:00:01.000Z",
                 "event": "completed",
                 "row": row,
@@ -90,8 +91,7 @@ def fabricate(root: Path, rows: int, inputs: int, size: int) -> tuple[Path, int,
                 "image_path": str(photos / f"img{image:04d}.png"),
                 "meta": {"batch": "bench", "k": n % 7},
             }
-        )
-    (out / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+            ledger.write(json.dumps(event) + "\n")
     return out, in_bytes, out_bytes
 
 
