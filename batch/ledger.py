@@ -303,7 +303,9 @@ class LedgerWriter:
             raise RuntimeError("ledger writer is not running")
         record = {"ts": utc_now(), **encode_event(event)}
         if self.state is not None:
-            apply(self.state, event, record)
+            # The state is the run's row facts: the line itself is on disk, and keeping
+            # every finished row's record would grow the run with each row it ends.
+            apply(self.state, event, record, keep_last=False)
         done = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(encode(record), durable, done))
         await asyncio.shield(done)
