@@ -1030,7 +1030,11 @@ def _read_text(path: Path) -> str:
                 raise refuse("is not a regular file")
             if st.st_size > MAX_MANIFEST_BYTES:
                 raise refuse(f"is {st.st_size / 1_048_576:.0f} MB, {limit}")
-            data = fh.read(MAX_MANIFEST_BYTES + 1)
+            # The size it has and a byte more (to see it grow): asking for the limit
+            # would set aside 256 MB for any file.
+            data = fh.read(min(st.st_size, MAX_MANIFEST_BYTES) + 1)
+            if len(data) > st.st_size:
+                data += fh.read(MAX_MANIFEST_BYTES + 1 - len(data))
     except FileNotFoundError:
         raise refuse("file does not exist") from None
     except OSError as exc:
