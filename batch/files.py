@@ -128,8 +128,5 @@ def matching(folder: Path, pattern: str) -> list[Path]:
         names = os.listdir(folder)
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return [
-        folder / name
-        for name in sorted(names)
-        if name.startswith(prefix) and fnmatch.fnmatchcase(name, pattern)
-    ]
+    found = [n for n in names if n.startswith(prefix) and fnmatch.fnmatchcase(n, pattern)]
+    return [folder / name for name in sorted(found)]
