@@ -398,11 +398,10 @@ class _Builder:
         self._ref_checks: dict[str, tuple[Path | bool | None, list[str], str]] = {}
         self._glob_cache: dict[str, list[str] | str] = {}
         self._planned = 0  # tasks the rows so far expand to
-        # Rows are built only once the whole manifest is known to be within MAX_ROWS.
-        self._plans: list[tuple[Any, ...]] = []
         self._full = False  # past MAX_ROWS: the rest is not looked at
         # params and meta by identity: defaults and YAML aliases share one object
         self._json_checks: dict[int, tuple[Any, list[tuple[str, str]], Any]] = {}
+        self._plans: list[tuple[Any, ...]] = []  # rows from the first that expands on
         self._params_texts: dict[int, tuple[Any, str]] = {}
 
     def problem(self, line: int | None, name: str, reason: str) -> None:
@@ -659,7 +658,8 @@ class _Builder:
             return
         if not self._plan(raw, count):
             return
-        self._plans.append(
+        self._add_plan(
+            count,
             (
                 raw.line,
                 explicit_id,
@@ -670,37 +670,47 @@ class _Builder:
                 fmt,
                 params,
                 meta,
-            )
+            ),
         )
 
-    def _build(self) -> None:
-        """Make the rows planned, in file order (derived ids count identical rows)."""
-        for plan in self._plans:
-            if len(plan) == 7:  # a plain row
-                line, explicit_id, image_ref, image_path, prompt, seed, fmt = plan
-                self._append(
-                    line, explicit_id, image_ref, image_path, prompt, seed, fmt, _EMPTY, _EMPTY
-                )
-                continue
-            line, explicit_id, images, prompts, seeds, repeat, fmt, params, meta = plan
-            for group in images:
-                (image_ref, image_path), extra = group[0], group[1:]
-                for prompt in prompts:
-                    for seed in seeds:
-                        for _ in range(repeat):
-                            self._append(
-                                line,
-                                explicit_id,
-                                image_ref,
-                                image_path,
-                                prompt,
-                                seed,
-                                fmt,
-                                params,
-                                meta,
-                                extra,
-                            )
-        self._plans.clear()
+    def _add_plan(self, count: int, plan: tuple[Any, ...]) -> None:
+        """Make a checked row's ``count`` tasks now, or keep its plan for ``finish``.
+
+        A row of one task is made as it is read: a million such rows are never held
+        twice, as plans and then as rows. A row that expands waits, with every row after
+        it (rows are made in file order: derived ids count identical rows), until the
+        whole manifest is known to stay within MAX_ROWS."""
+        if count == 1 and not self._plans:
+            self._make(plan)
+        else:
+            self._plans.append(plan)
+
+    def _make(self, plan: tuple[Any, ...]) -> None:
+        """Make one checked row's tasks."""
+        if len(plan) == 7:  # a plain row
+            line, explicit_id, image_ref, image_path, prompt, seed, fmt = plan
+            self._append(
+                line, explicit_id, image_ref, image_path, prompt, seed, fmt, _EMPTY, _EMPTY
+            )
+            return
+        line, explicit_id, images, prompts, seeds, repeat, fmt, params, meta = plan
+        for group in images:
+            (image_ref, image_path), extra = group[0], group[1:]
+            for prompt in prompts:
+                for seed in seeds:
+                    for _ in range(repeat):
+                        self._append(
+                            line,
+                            explicit_id,
+                            image_ref,
+                            image_path,
+                            prompt,
+                            seed,
+                            fmt,
+                            params,
+                            meta,
+                            extra,
+                        )
 
     def _plan(self, raw: _RawRow, count: int) -> bool:
         """Count a row's tasks against MAX_ROWS; past it, say so once and stop."""
@@ -788,7 +798,7 @@ class _Builder:
             self._explicit_ids[explicit] = raw.key_lines.get("id", raw.line)
         self._planned += 1
         path = image_path if isinstance(image_path, Path) else None
-        self._plans.append((raw.line, explicit, image, path, prompt, seed, fmt))
+        self._add_plan(1, (raw.line, explicit, image, path, prompt, seed, fmt))
         return True
 
     def _one_or_many(
@@ -927,7 +937,9 @@ class _Builder:
     def finish(self) -> tuple[Row, ...]:
         if self._full:  # nothing built, and nothing worth building
             raise ManifestError(sorted(self.problems, key=lambda p: p.line or 0))
-        self._build()
+        for plan in self._plans:
+            self._make(plan)
+        self._plans.clear()
         all_ids = set(self._explicit_ids) | self._derived_ids
         for row_id, line in self._explicit_ids.items():
             if row_id in self._derived_ids:
