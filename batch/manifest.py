@@ -1230,6 +1230,11 @@ def _csv_rows(path: Path, text: str, problems: list[Problem]) -> Iterator[_RawRo
         bad_header.append(Problem(source, 1, "header", "a column name appears twice"))
     if bad_header:
         raise ManifestError(bad_header)
+    # Each column's kind, told once: a million rows need not test every cell's name.
+    kinds = [
+        _META if n.startswith("meta.") else _PARAMS if n.startswith("params.") else _FIELD
+        for n in header
+    ]
     rows = 0
     cell_duplicates: list[str] = []
     cell_decoder = json.JSONDecoder(object_pairs_hook=_strict_object(cell_duplicates))
@@ -1243,7 +1248,7 @@ def _csv_rows(path: Path, text: str, problems: list[Problem]) -> Iterator[_RawRo
             # The reader cannot resynchronise after this; keep what was found so far.
             problems.append(Problem(source, line, "csv", f"syntax error in this record: {exc}"))
             break
-        if not any(v.strip() for v in values):
+        if not "".join(values).strip():
             continue
         if rows >= MAX_ROWS:
             raise ManifestError([*problems, _too_many_rows(source, line)])
@@ -1254,10 +1259,10 @@ def _csv_rows(path: Path, text: str, problems: list[Problem]) -> Iterator[_RawRo
         fields: dict[str, Any] = {}
         meta: dict[str, Any] = {}
         params: dict[str, Any] = {}
-        for name, value in zip(header, values, strict=True):
-            if name.startswith("meta."):
+        for kind, name, value in zip(kinds, header, values, strict=True):
+            if kind is _META:
                 meta[name[5:]] = value
-            elif name.startswith("params."):
+            elif kind is _PARAMS:
                 if value.strip():  # an empty cell is a parameter not given, not ""
                     cell_duplicates.clear()
                     try:
@@ -1281,6 +1286,9 @@ def _csv_rows(path: Path, text: str, problems: list[Problem]) -> Iterator[_RawRo
             fields["params"] = params
         rows += 1
         yield _RawRow(fields, line)
+
+
+_FIELD, _META, _PARAMS = "field", "meta", "params"
 
 
 def _csv_int(value: str) -> int | str:

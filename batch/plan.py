@@ -19,6 +19,8 @@ from batch.outputs import existing_files
 from batch.state import Action, LedgerState, plan_row
 
 _CODE = {action: n for n, action in enumerate(Action)}
+# By identity: an Enum's hash is Python code, a million calls of it a second of planning.
+_CODE_BY_ID = {id(action): n for action, n in _CODE.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +53,11 @@ def plan_rows(
     rows: Sequence[Row], state: LedgerState, files: set[str], retry_failed: bool
 ) -> Planned:
     """Plan every row from the ledger state and the files on disk, in one pass."""
-    known, hold_all, code = state.rows.get, state.damage_unattributed, _CODE
+    known, hold_all, code = state.rows.get, state.damage_unattributed, _CODE_BY_ID
     actions = bytearray(len(rows))
     for n, row in enumerate(rows):
         plan = plan_row(known(row.id), row.fingerprint, files, retry_failed, hold_all)
-        actions[n] = code[plan.action]
+        actions[n] = code[id(plan.action)]
     return Planned(actions)
 
 
