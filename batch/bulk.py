@@ -6,6 +6,20 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+_freeze = False
+
+
+def freeze_bulk_loads() -> None:
+    """From now on, move what a bulk load built out of the collector's sight when it ends.
+
+    For a process that lives for one command (the CLI): a 1M-row manifest and ledger
+    are a few million objects that live until exit, and each time the collector
+    promotes them it walks them all again (seconds at that size). A library caller's
+    process is left as it is.
+    """
+    global _freeze
+    _freeze = True
+
 
 @contextmanager
 def gc_paused() -> Iterator[None]:
@@ -21,5 +35,7 @@ def gc_paused() -> Iterator[None]:
     try:
         yield
     finally:
+        if _freeze:
+            gc.freeze()  # acyclic: refcounts still free whatever of it is dropped
         if was_enabled:
             gc.enable()

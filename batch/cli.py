@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from batch import __version__
 from batch.account import Estimate, describe, shortfall
+from batch.bulk import freeze_bulk_loads
 from batch.errors import BatchError, UsageError
 from batch.folder import default_out_dir
 from batch.ledger import LEDGER_NAME, ledger_name, ledger_paths, read_ledgers
@@ -252,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(args_list)
     args.argv = args_list  # what "run the same command again" means
+    if argv is None:  # the process is this one command (not a test, not a caller's)
+        freeze_bulk_loads()
     try:
         if args.command == "run":
             return _cmd_run(args)

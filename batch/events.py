@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 SCHEMA = 2
@@ -47,8 +48,7 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _strs(value: Any) -> tuple[str, ...]:
-    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+_NO_META: Mapping[str, Any] = MappingProxyType({})  # shared: most events carry no meta
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,123 +275,107 @@ def _run(d: Mapping[str, Any]) -> RunStarted | None:
     )
 
 
+# The decoders below run after ``check_shape``: each field they read is absent, null
+# (where null is allowed) or of its checked type, so they take values as they are. A
+# 1M-row resume decodes a million events; re-checking each field costs a second.
+
+
 def _uploaded(d: Mapping[str, Any]) -> Uploaded | None:
-    sha, url = _str(d.get("sha256")), _str(d.get("download_url"))
-    if sha is None or url is None:
-        return None
-    return Uploaded(sha, url, _str(d.get("file")) or "", _str(d.get("base_url")) or "")
+    return Uploaded(d["sha256"], d["download_url"], d.get("file") or "", d.get("base_url") or "")
 
 
 def _submitting(d: Mapping[str, Any]) -> Submitting | None:
-    row, intent = _str(d.get("row")), _str(d.get("intent"))
-    if row is None or intent is None:
-        return None
-    seed = _int(d.get("seed"))
+    seed, price, keys = d.get("seed"), d.get("price"), d.get("request_keys")
     return Submitting(
-        row=row,
+        row=d["row"],
         seed=seed if seed is not None else -1,
-        intent=intent,
-        price=_float(d.get("price")) or 0.0,
-        fingerprint=_str(d.get("fingerprint")),
-        request_sha=_str(d.get("request_sha")),
-        request_keys=_strs(d.get("request_keys")),
-        model=_str(d.get("model")),
+        intent=d["intent"],
+        price=float(price) if price is not None else 0.0,
+        fingerprint=d.get("fingerprint"),
+        request_sha=d.get("request_sha"),
+        request_keys=tuple(keys) if keys else (),
+        model=d.get("model"),
     )
 
 
 def _submitted(d: Mapping[str, Any]) -> Submitted | None:
-    row = _str(d.get("row"))
-    if row is None:
-        return None
-    seed = _int(d.get("seed"))
+    seed, price = d.get("seed"), d.get("price")
     return Submitted(
-        row=row,
+        row=d["row"],
         # Without an id (a hand-made or damaged line) the row is paid for but cannot be
         # followed: the plan submits it again.
-        prediction_id=_str(d.get("prediction_id")) or "",
+        prediction_id=d["prediction_id"],
         seed=seed if seed is not None else -1,
-        attempt=_int(d.get("attempt")) or 0,
-        intent=_str(d.get("intent")),
-        price=_float(d.get("price")),
-        fingerprint=_str(d.get("fingerprint")),
-        possible_duplicates=max(_int(d.get("possible_duplicates")) or 0, 0),
+        attempt=d.get("attempt") or 0,
+        intent=d.get("intent"),
+        price=float(price) if price is not None else None,
+        fingerprint=d.get("fingerprint"),
+        possible_duplicates=max(d.get("possible_duplicates") or 0, 0),
     )
 
 
 def _settled(cls: type[SubmitRefused] | type[SubmitUnknown]) -> Callable[..., Any]:
     def decode_settled(d: Mapping[str, Any]) -> SubmitRefused | SubmitUnknown | None:
-        row, intent = _str(d.get("row")), _str(d.get("intent"))
-        if row is None or intent is None:
-            return None
-        return cls(row, intent, _str(d.get("error")) or "", _int(d.get("status")))
+        return cls(d["row"], d["intent"], d.get("error") or "", d.get("status"))
 
     return decode_settled
 
 
 def _submit_settled(d: Mapping[str, Any]) -> SubmitSettled | None:
-    row, intent, outcome = _str(d.get("row")), _str(d.get("intent")), _str(d.get("outcome"))
-    if row is None or intent is None or outcome not in (ABSENT, ORPHAN):
+    outcome = d["outcome"]
+    if outcome not in (ABSENT, ORPHAN):
         return None
-    pid = _str(d.get("prediction_id"))
+    pid = d.get("prediction_id")
     if outcome == ORPHAN and not pid:
         return None
-    return SubmitSettled(row, intent, outcome, pid if outcome == ORPHAN else None)
-
-
-def _request(d: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "fingerprint": _str(d.get("fingerprint")),
-        "model": _str(d.get("model")),
-        "prompt": _str(d.get("prompt")),
-        "image": _str(d.get("image")),
-        "image_path": _str(d.get("image_path")),
-    }
+    return SubmitSettled(d["row"], d["intent"], outcome, pid if outcome == ORPHAN else None)
 
 
 def _completed(d: Mapping[str, Any]) -> Completed | None:
-    row = _str(d.get("row"))
-    if row is None:
-        return None
-    inference = _float(d.get("inference_ms"))
-    meta = d.get("meta")
-    nsfw = d.get("nsfw")
+    get = d.get
+    inference, meta = get("inference_ms"), get("meta")
     return Completed(
-        row=row,
-        prediction_id=_str(d.get("prediction_id")) or "",
-        outputs=_strs(d.get("outputs")),
-        sha256=_strs(d.get("sha256")),
-        nsfw=tuple(bool(n) for n in nsfw) if isinstance(nsfw, list) else (),
-        inference_ms=int(inference) if inference is not None else None,
-        seed=_int(d.get("seed")),
-        meta=meta if isinstance(meta, dict) else {},
-        **_request(d),
+        d["row"],
+        get("prediction_id") or "",
+        tuple(d["outputs"]),
+        tuple(get("sha256") or ()),
+        tuple(get("nsfw") or ()),
+        int(inference) if inference is not None else None,
+        get("seed"),
+        get("fingerprint"),
+        get("model"),
+        get("prompt"),
+        get("image"),
+        get("image_path"),
+        meta if meta is not None else _NO_META,
     )
 
 
 def _failed(d: Mapping[str, Any]) -> Failed | None:
-    row = _str(d.get("row"))
-    if row is None:
-        return None
-    code = d.get("code")
-    pid = _str(d.get("prediction_id")) or None
-    task_status = _str(d.get("task_status"))
-    retryable = bool(d.get("retryable"))
-    live = d.get("live")
-    if not isinstance(live, bool):
+    get = d.get
+    pid = get("prediction_id") or None
+    task_status = get("task_status")
+    retryable = bool(get("retryable"))
+    live = get("live")
+    if live is None:
         # Ledgers before schema 2: a retryable failure of a task that had not ended.
         live = retryable and pid is not None and task_status not in TERMINAL_FAILURES
     return Failed(
-        row=row,
-        error=_str(d.get("error")) or "",
+        row=d["row"],
+        error=get("error") or "",
         retryable=retryable,
         prediction_id=pid,
-        code=code if isinstance(code, int | str) and not isinstance(code, bool) else None,
+        code=get("code"),
         task_status=task_status,
         live=live and pid is not None,
-        attempt=_int(d.get("attempt")) or 0,
-        seed=_int(d.get("seed")),
-        possible_duplicates=max(_int(d.get("possible_duplicates")) or 0, 0),
-        **_request(d),
+        attempt=get("attempt") or 0,
+        seed=get("seed"),
+        fingerprint=get("fingerprint"),
+        model=get("model"),
+        prompt=get("prompt"),
+        image=get("image"),
+        image_path=get("image_path"),
+        possible_duplicates=max(get("possible_duplicates") or 0, 0),
     )
 
 
@@ -431,12 +415,18 @@ def _amount(v: Any) -> bool:
     return math.isfinite(v) and v >= 0
 
 
+# JSON values are never subclasses of str, and nothing subclasses bool: isinstance is
+# the exact type check here, mapped in C over the list.
+_is_str = str.__instancecheck__
+_is_bool = bool.__instancecheck__
+
+
 def _all_str(v: Any) -> bool:
-    return all(type(x) is str for x in v)
+    return all(map(_is_str, v))
 
 
 def _all_bool(v: Any) -> bool:
-    return all(type(x) is bool for x in v)
+    return all(map(_is_bool, v))
 
 
 _STR: _Check = (frozenset({str}), None)

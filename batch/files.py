@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import os
+import re
 import secrets
 import threading
 from collections.abc import Iterator
@@ -115,3 +117,16 @@ async def read_bytes(path: Path) -> bytes:
 
     threading.Thread(target=work, name="wsbatch-read", daemon=True).start()
     return await future
+
+
+def matching(folder: Path, pattern: str) -> list[Path]:
+    """The entries of ``folder`` whose names match ``pattern`` (``*`` and ``?`` within a
+    name), sorted. One listing, and fnmatch only past the pattern's literal prefix:
+    beside a million outputs, ``Path.glob`` took most of a second for each call."""
+    prefix = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = [n for n in names if n.startswith(prefix) and fnmatch.fnmatchcase(n, pattern)]
+    return [folder / name for name in sorted(found)]

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,10 +24,14 @@ from typing import Any, BinaryIO
 from batch.bulk import gc_paused
 from batch.events import DamagedLine, Event, decode
 from batch.events import encode as encode_event
+from batch.files import matching
 from batch.state import LedgerState, apply, merge_states
 
 LEDGER_NAME = "ledger.jsonl"
 SHARD_LEDGER_GLOB = "ledger.shard-*.jsonl"
+# How often a run looks for shard ledgers that started after it: listing a folder of a
+# million outputs on every submit would make a run quadratic in its rows.
+RELIST_SECONDS = 1.0
 
 
 def utc_now() -> str:
@@ -110,6 +116,52 @@ def _parse(line: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def _whole_end(data: bytes, complete: bool) -> int | None:
+    """Where whole lines end in ``data``, the file's last bytes (all of it if
+    ``complete``); None when that cannot be told without reading further back."""
+    good_end = data.rfind(b"\n") + 1
+    if not good_end and not complete:
+        return None
+    while good_end:
+        start = data.rfind(b"\n", 0, good_end - 1) + 1
+        if start == 0 and not complete:
+            return None  # this line may begin before the bytes read
+        if data[start : good_end - 1].strip(b"\0") or start == good_end - 1:
+            break
+        good_end = start
+    return good_end
+
+
+def _tail(fh: BinaryIO, size: int) -> tuple[int, bool]:
+    """The offset where whole lines end, and whether a torn line follows: read from the
+    end, as far back as that takes (a few KB, unless a crash left many zero blocks)."""
+    window = 1 << 16
+    while True:
+        base = max(size - window, 0)
+        fh.seek(base)
+        data = fh.read(size - base)
+        end = _whole_end(data, complete=base == 0)
+        if end is not None:
+            return base + end, bool(data[end:].strip())
+        window *= 4
+
+
+def _blocks(fh: BinaryIO, stop: int) -> Iterator[bytes]:
+    """The file's bytes up to ``stop`` (a line end) in ~1 MB runs of whole lines: a
+    million-line ledger is never in memory at once."""
+    fh.seek(0)
+    pos, carry = 0, b""
+    while pos < stop:
+        block = fh.read(min(CHUNK_BYTES, stop - pos))
+        if not block:
+            break  # cut shorter while being read
+        pos += len(block)
+        data = carry + block if carry else block
+        cut = data.rfind(b"\n") + 1
+        yield data[:cut]
+        carry = data[cut:]
+
+
 def read_ledger(path: Path, *, keep_last: bool = True) -> tuple[LedgerState, int]:
     """Read a ledger once; return its state and the offset where whole lines end.
 
@@ -121,36 +173,30 @@ def read_ledger(path: Path, *, keep_last: bool = True) -> tuple[LedgerState, int
     """
     state = LedgerState()
     try:
-        data = path.read_bytes()
+        fh = open(path, "rb")  # noqa: SIM115 - closed below, after a read of many blocks
     except FileNotFoundError:
         return state, 0
-    # Bytes after the last newline are a write cut short; so are whole lines of NUL
-    # bytes at the end (some filesystems show a crash's unwritten blocks as zeros).
-    good_end = data.rfind(b"\n") + 1
-    while good_end:
-        start = data.rfind(b"\n", 0, good_end - 1) + 1
-        if data[start : good_end - 1].strip(b"\0") or start == good_end - 1:
-            break
-        good_end = start
-    torn = bool(data[good_end:].strip())
-    data = data[:good_end]
     line_no = 0
-    with gc_paused():
-        for chunk_start, chunk_end, events in _chunks(data):
-            if events is not None:  # the whole chunk parsed at once: the common case
-                for record in events:
+    with fh, gc_paused():
+        # Bytes after the last newline are a write cut short; so are whole lines of NUL
+        # bytes at the end (some filesystems show a crash's unwritten blocks as zeros).
+        good_end, torn = _tail(fh, os.fstat(fh.fileno()).st_size)
+        for data in _blocks(fh, good_end):
+            for chunk_start, chunk_end, events in _chunks(data):
+                if events is not None:  # the whole chunk parsed at once: the common case
+                    for record in events:
+                        line_no += 1
+                        _apply_record(state, record, keep_last, line_no)
+                    continue
+                for _, line in _lines(data, chunk_start, chunk_end):
                     line_no += 1
-                    _apply_record(state, record, keep_last, line_no)
-                continue
-            for _, line in _lines(data, chunk_start, chunk_end):
-                line_no += 1
-                if not line.strip():
-                    continue
-                parsed = _parse(line)
-                if parsed is None:
-                    state.damaged(line_no, _row_in(line), "not a JSON object")
-                    continue
-                _apply_record(state, parsed, keep_last, line_no)
+                    if not line.strip():
+                        continue
+                    parsed = _parse(line)
+                    if parsed is None:
+                        state.damaged(line_no, _row_in(line), "not a JSON object")
+                        continue
+                    _apply_record(state, parsed, keep_last, line_no)
     state.torn_tail = torn
     for damage in state.damage:
         damage.path = path.name
@@ -235,7 +281,7 @@ def ledger_name(shard: tuple[int, int] | None) -> str:
 def ledger_paths(out_dir: Path) -> list[Path]:
     """Every ledger of an output folder: the main one first, then shard ledgers."""
     paths = [out_dir / LEDGER_NAME] if (out_dir / LEDGER_NAME).exists() else []
-    return paths + sorted(out_dir.glob(SHARD_LEDGER_GLOB))
+    return paths + [p for p in matching(out_dir, SHARD_LEDGER_GLOB) if p.is_file()]
 
 
 def read_ledgers(paths: list[Path], *, keep_last: bool = True) -> LedgerState:
@@ -299,12 +345,16 @@ class OtherLedgers:
         self.own = own
         self._tails = {path: LedgerTail(path, off) for path, off in (offsets or {}).items()}
         self._lock = threading.Lock()
+        self._listed = -math.inf  # time.monotonic() of the last look for new ledgers
 
     def refresh(self) -> list[LedgerState]:
         with self._lock:
-            for path in ledger_paths(self.own.parent):
-                if path != self.own and path not in self._tails:
-                    self._tails[path] = LedgerTail(path, 0)  # a shard that started after us
+            now = time.monotonic()
+            if now - self._listed >= RELIST_SECONDS:
+                self._listed = now
+                for path in ledger_paths(self.own.parent):
+                    if path != self.own and path not in self._tails:
+                        self._tails[path] = LedgerTail(path, 0)  # a shard that started after us
             return [tail.refresh() for tail in self._tails.values()]
 
     def spend(self) -> float:
@@ -358,7 +408,9 @@ class LedgerWriter:
             raise RuntimeError("ledger writer is not running")
         record = {"ts": utc_now(), **encode_event(event)}
         if self.state is not None:
-            apply(self.state, event, record)
+            # The state is the run's row facts: the line itself is on disk, and keeping
+            # every finished row's record would grow the run with each row it ends.
+            apply(self.state, event, record, keep_last=False)
         done = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(encode(record), durable, done))
         await asyncio.shield(done)

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 from batch.errors import LockedError
+from batch.files import matching
 
 LOCK_NAME = ".wsbatch.lock"
 
@@ -121,7 +122,7 @@ class OutDirLock:
         # rows twice: take this count's lock first, then make sure no other count runs.
         # (Two different counts starting together both see each other and both stop.)
         self._fds.append(_take(folder / shards_lock_name(count), False, what))
-        for other in sorted(folder.glob(SHARDS_LOCK_GLOB)):
+        for other in matching(folder, SHARDS_LOCK_GLOB):
             if other.name != shards_lock_name(count) and _held_by(other) is not None:
                 raise LockedError(
                     f"{folder} has shards of N={other.name[len('.wsbatch.shards-') : -5]} "
@@ -197,7 +198,8 @@ def _holder_info(path: Path) -> tuple[str, str] | None:
 def _sweep_holders(folder: Path) -> None:
     """Delete pid files of dead runs (called with the folder's lock held)."""
     now = time.time()
-    for path in [*folder.glob(HOLDER_GLOB), *folder.glob(HOLDER_TEMP_GLOB)]:
+    mine = matching(folder, f"{HOLDER_PREFIX}*")  # one listing for both kinds
+    for path in [p for p in mine if p.match(HOLDER_GLOB) or p.match(HOLDER_TEMP_GLOB)]:
         with contextlib.suppress(OSError):
             if path.suffix == ".tmp" and now - path.lstat().st_mtime < HOLDER_TEMP_MAX_AGE_S:
                 continue
@@ -220,5 +222,7 @@ def holders(out_dir: Path) -> list[str]:
     """Pids of the live runs using ``out_dir``: a whole run, or every running shard.
 
     It takes no lock a run would take (see the module), so it never makes a run wait."""
-    found = [info for path in out_dir.glob(HOLDER_GLOB) if (info := _holder_info(path)) is not None]
+    found = [
+        info for path in matching(out_dir, HOLDER_GLOB) if (info := _holder_info(path)) is not None
+    ]
     return [pid for pid, _ in sorted(found, key=_shard_order)]

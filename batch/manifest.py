@@ -17,7 +17,7 @@ import os
 import re
 import reprlib
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -72,6 +72,8 @@ MAX_DEPTH = 20  # nesting of YAML collections, and of JSON inside params and met
 MAX_ALIAS_CHARS = 64 * 1024 * 1024  # what YAML aliases expand to, all together
 MAX_PARAMS_BYTES = 64 * 1024  # a row's params (and its meta) as JSON
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# How json.dumps writes a string (ensure_ascii): the same C function it calls.
+_json_str: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,13 +255,18 @@ def shard_of(row_id: str, count: int) -> int:
     return int.from_bytes(hashlib.sha256(row_id.encode()).digest()[:8], "big") % count
 
 
-def _request_hash(model: str, image: str, prompt: str, seed: int, fmt: str, params: Any) -> str:
+def canonical_params(params: Any) -> str:
     # allow_nan=False: the checks let through only what strict JSON carries.
-    canonical = json.dumps(
-        [model, image, prompt, seed, fmt, params],
-        sort_keys=True,
-        separators=(",", ":"),
-        allow_nan=False,
+    return json.dumps(params, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _request_hash(model: str, image: str, prompt: str, seed: int, fmt: str, params: str) -> str:
+    """sha256 of ``[model, image, prompt, seed, fmt, params]`` as compact, key-sorted JSON
+    (``params`` already so encoded): the text ``json.dumps`` makes of that list, built
+    here from its parts because a million rows each paid for a whole dumps call."""
+    canonical = (
+        f"[{_json_str(model)},{_json_str(image)},{_json_str(prompt)},{int(seed)},"
+        f"{_json_str(fmt)},{params}]"
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -388,14 +395,14 @@ class _Builder:
         self._derived_ids: set[str] = set()
         self._derived_seen: dict[str, int] = {}
         self._image_checks: dict[str, str | None] = {}
-        self._ref_checks: dict[str, tuple[Path | bool | None, list[str]]] = {}
+        self._ref_checks: dict[str, tuple[Path | bool | None, list[str], str]] = {}
         self._glob_cache: dict[str, list[str] | str] = {}
         self._planned = 0  # tasks the rows so far expand to
-        # Rows are built only once the whole manifest is known to be within MAX_ROWS.
-        self._plans: list[tuple[Any, ...]] = []
         self._full = False  # past MAX_ROWS: the rest is not looked at
         # params and meta by identity: defaults and YAML aliases share one object
         self._json_checks: dict[int, tuple[Any, list[tuple[str, str]], Any]] = {}
+        self._plans: list[tuple[Any, ...]] = []  # rows from the first that expands on
+        self._params_texts: dict[int, tuple[Any, str]] = {}
 
     def problem(self, line: int | None, name: str, reason: str) -> None:
         # A row that expands (prompts x images x seeds) would repeat the same problem.
@@ -415,9 +422,9 @@ class _Builder:
             before = len(self.problems)
             result = self._check_image_once(ref, line, name)
             reasons = [p.reason for p in self.problems[before:]]
-            self._ref_checks[ref] = cached = (result, reasons)
+            self._ref_checks[ref] = cached = (result, reasons, ref)
             return result
-        result, reasons = cached
+        result, reasons, _ = cached
         for reason in reasons:
             self.problem(line, name, reason)
         return result
@@ -651,9 +658,10 @@ class _Builder:
             return
         if not self._plan(raw, count):
             return
-        self._plans.append(
+        self._add_plan(
+            count,
             (
-                raw,
+                raw.line,
                 explicit_id,
                 checked_images,
                 checked_prompts,
@@ -662,37 +670,47 @@ class _Builder:
                 fmt,
                 params,
                 meta,
-            )
+            ),
         )
 
-    def _build(self) -> None:
-        """Make the rows planned, in file order (derived ids count identical rows)."""
-        for plan in self._plans:
-            if len(plan) == 7:  # a plain row
-                raw, explicit_id, image_ref, image_path, prompt, seed, fmt = plan
-                self._append(
-                    raw, explicit_id, image_ref, image_path, prompt, seed, fmt, _EMPTY, _EMPTY
-                )
-                continue
-            raw, explicit_id, images, prompts, seeds, repeat, fmt, params, meta = plan
-            for group in images:
-                (image_ref, image_path), extra = group[0], group[1:]
-                for prompt in prompts:
-                    for seed in seeds:
-                        for _ in range(repeat):
-                            self._append(
-                                raw,
-                                explicit_id,
-                                image_ref,
-                                image_path,
-                                prompt,
-                                seed,
-                                fmt,
-                                params,
-                                meta,
-                                extra,
-                            )
-        self._plans.clear()
+    def _add_plan(self, count: int, plan: tuple[Any, ...]) -> None:
+        """Make a checked row's ``count`` tasks now, or keep its plan for ``finish``.
+
+        A row of one task is made as it is read: a million such rows are never held
+        twice, as plans and then as rows. A row that expands waits, with every row after
+        it (rows are made in file order: derived ids count identical rows), until the
+        whole manifest is known to stay within MAX_ROWS."""
+        if count == 1 and not self._plans:
+            self._make(plan)
+        else:
+            self._plans.append(plan)
+
+    def _make(self, plan: tuple[Any, ...]) -> None:
+        """Make one checked row's tasks."""
+        if len(plan) == 7:  # a plain row
+            line, explicit_id, image_ref, image_path, prompt, seed, fmt = plan
+            self._append(
+                line, explicit_id, image_ref, image_path, prompt, seed, fmt, _EMPTY, _EMPTY
+            )
+            return
+        line, explicit_id, images, prompts, seeds, repeat, fmt, params, meta = plan
+        for group in images:
+            (image_ref, image_path), extra = group[0], group[1:]
+            for prompt in prompts:
+                for seed in seeds:
+                    for _ in range(repeat):
+                        self._append(
+                            line,
+                            explicit_id,
+                            image_ref,
+                            image_path,
+                            prompt,
+                            seed,
+                            fmt,
+                            params,
+                            meta,
+                            extra,
+                        )
 
     def _plan(self, raw: _RawRow, count: int) -> bool:
         """Count a row's tasks against MAX_ROWS; past it, say so once and stop."""
@@ -709,7 +727,7 @@ class _Builder:
 
     def _append(
         self,
-        raw: _RawRow,
+        line: int | None,
         explicit_id: str | None,
         image: str,
         image_path: Path | None,
@@ -722,7 +740,7 @@ class _Builder:
     ) -> None:
         # One input keeps the hash (and so the derived id) it always had.
         key = image if not extra else json.dumps([image, *(ref for ref, _ in extra)])
-        digest = _request_hash(self.model, key, prompt, seed, fmt, dict(params))
+        digest = _request_hash(self.model, key, prompt, seed, fmt, self._params_json(params))
         self.rows.append(
             Row(
                 id=explicit_id or self._derived_id(digest),
@@ -734,7 +752,7 @@ class _Builder:
                 params=params,
                 meta=meta,
                 fingerprint=digest[:32],
-                source=f"{self.source}:{raw.line}" if raw.line else self.source,
+                source=f"{self.source}:{line}" if line else self.source,
                 image_path=image_path,
                 extra_images=extra,
             )
@@ -773,14 +791,14 @@ class _Builder:
         checked = self._ref_checks.get(image)  # only images already found good
         if checked is None or checked[1]:
             return False
-        image_path = checked[0]
+        image_path, image = checked[0], checked[2]  # one string for the rows that share it
         if image_path is False:
             return False
         if explicit is not None:
             self._explicit_ids[explicit] = raw.key_lines.get("id", raw.line)
         self._planned += 1
         path = image_path if isinstance(image_path, Path) else None
-        self._plans.append((raw, explicit, image, path, prompt, seed, fmt))
+        self._add_plan(1, (raw.line, explicit, image, path, prompt, seed, fmt))
         return True
 
     def _one_or_many(
@@ -835,6 +853,15 @@ class _Builder:
         else:
             values = [value]
         return None if values is None else (chosen, values)
+
+    def _params_json(self, params: Mapping[str, Any]) -> str:
+        """A row's params as canonical JSON, encoded once per object (rows share them)."""
+        if not params:
+            return "{}"
+        cached = self._params_texts.get(id(params))
+        if cached is None or cached[0] is not params:
+            cached = self._params_texts[id(params)] = (params, canonical_params(dict(params)))
+        return cached[1]
 
     def _checked_json(
         self, value: Any, scalars_only: bool
@@ -910,7 +937,9 @@ class _Builder:
     def finish(self) -> tuple[Row, ...]:
         if self._full:  # nothing built, and nothing worth building
             raise ManifestError(sorted(self.problems, key=lambda p: p.line or 0))
-        self._build()
+        for plan in self._plans:
+            self._make(plan)
+        self._plans.clear()
         all_ids = set(self._explicit_ids) | self._derived_ids
         for row_id, line in self._explicit_ids.items():
             if row_id in self._derived_ids:
@@ -1013,7 +1042,11 @@ def _read_text(path: Path) -> str:
                 raise refuse("is not a regular file")
             if st.st_size > MAX_MANIFEST_BYTES:
                 raise refuse(f"is {st.st_size / 1_048_576:.0f} MB, {limit}")
-            data = fh.read(MAX_MANIFEST_BYTES + 1)
+            # The size it has and a byte more (to see it grow): asking for the limit
+            # would set aside 256 MB for any file.
+            data = fh.read(min(st.st_size, MAX_MANIFEST_BYTES) + 1)
+            if len(data) > st.st_size:
+                data += fh.read(MAX_MANIFEST_BYTES + 1 - len(data))
     except FileNotFoundError:
         raise refuse("file does not exist") from None
     except OSError as exc:
@@ -1128,18 +1161,35 @@ def _strict_object(duplicates: list[str]) -> Callable[[list[tuple[str, Any]]], d
     return make
 
 
-def _jsonl_rows(path: Path, text: str) -> tuple[list[_RawRow], list[Problem]]:
-    raws: list[_RawRow] = []
-    problems: list[Problem] = []
+def _text_lines(text: str, newline: str | None) -> Iterator[str]:
+    """The lines of ``text`` as ``io.StringIO(text, newline=newline)`` reads them, without
+    its copy of the text at four bytes a character (250 MB for a 1M-row CSV)."""
+    if text.count("\r") != text.count("\r\n"):
+        yield from io.StringIO(text, newline=newline)  # a lone CR ends a line: rare
+        return
+    start, size = 0, len(text)
+    while start < size:
+        end = text.find("\n", start) + 1 or size
+        line = text[start:end]
+        if newline is None and line.endswith("\r\n"):
+            line = line[:-2] + "\n"  # universal newlines, as StringIO translates them
+        yield line
+        start = end
+
+
+def _jsonl_rows(path: Path, text: str, problems: list[Problem]) -> Iterator[_RawRow]:
+    """Each row as read, one at a time (a million raw rows need not all be alive at
+    once); problems go to ``problems`` as they are found."""
+    rows = 0
     duplicates: list[str] = []
     # Strict, as YAML is: a key given twice, or NaN, is a mistake, not a value to guess at.
     decoder = json.JSONDecoder(
         object_pairs_hook=_strict_object(duplicates), parse_constant=_no_constant
     )
-    for number, line in enumerate(io.StringIO(text), start=1):
+    for number, line in enumerate(_text_lines(text, None), start=1):
         if not line.strip():
             continue
-        if len(raws) >= MAX_ROWS:
+        if rows >= MAX_ROWS:
             raise ManifestError([*problems, _too_many_rows(str(path), number)])
         duplicates.clear()
         try:
@@ -1156,30 +1206,36 @@ def _jsonl_rows(path: Path, text: str) -> tuple[list[_RawRow], list[Problem]]:
         if not isinstance(item, dict):
             problems.append(Problem(str(path), number, "json", "each line must be a JSON object"))
             continue
-        raws.append(_RawRow(item, number))
-    return raws, problems
+        rows += 1
+        yield _RawRow(item, number)
 
 
-def _csv_rows(path: Path, text: str) -> tuple[list[_RawRow], list[Problem]]:
+def _csv_rows(path: Path, text: str, problems: list[Problem]) -> Iterator[_RawRow]:
+    """Each row as read, one at a time; problems go to ``problems`` as found."""
     source = str(path)
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    reader = csv.reader(_text_lines(text, ""), strict=True)
     try:
         header = next(reader)
     except csv.Error as exc:
         raise ManifestError([Problem(source, 1, "csv", f"syntax error: {exc}")]) from None
     header = [h.strip() for h in header]
-    problems: list[Problem] = []
+    bad_header: list[Problem] = []
     for name in header:
         if name not in CSV_COLUMNS and not name.startswith(("meta.", "params.")):
-            problems.append(Problem(source, 1, name, _suggest(name, CSV_COLUMNS)))
+            bad_header.append(Problem(source, 1, name, _suggest(name, CSV_COLUMNS)))
     for required in ("image", "prompt"):
         if required not in header:
-            problems.append(Problem(source, 1, required, "required column is missing"))
+            bad_header.append(Problem(source, 1, required, "required column is missing"))
     if len(set(header)) != len(header):
-        problems.append(Problem(source, 1, "header", "a column name appears twice"))
-    if problems:
-        raise ManifestError(problems)
-    raws: list[_RawRow] = []
+        bad_header.append(Problem(source, 1, "header", "a column name appears twice"))
+    if bad_header:
+        raise ManifestError(bad_header)
+    # Each column's kind, told once: a million rows need not test every cell's name.
+    kinds = [
+        _META if n.startswith("meta.") else _PARAMS if n.startswith("params.") else _FIELD
+        for n in header
+    ]
+    rows = 0
     cell_duplicates: list[str] = []
     cell_decoder = json.JSONDecoder(object_pairs_hook=_strict_object(cell_duplicates))
     while True:
@@ -1192,9 +1248,9 @@ def _csv_rows(path: Path, text: str) -> tuple[list[_RawRow], list[Problem]]:
             # The reader cannot resynchronise after this; keep what was found so far.
             problems.append(Problem(source, line, "csv", f"syntax error in this record: {exc}"))
             break
-        if not any(v.strip() for v in values):
+        if not "".join(values).strip():
             continue
-        if len(raws) >= MAX_ROWS:
+        if rows >= MAX_ROWS:
             raise ManifestError([*problems, _too_many_rows(source, line)])
         if len(values) != len(header):
             reason = f"has {len(values)} columns, the header has {len(header)}"
@@ -1203,10 +1259,10 @@ def _csv_rows(path: Path, text: str) -> tuple[list[_RawRow], list[Problem]]:
         fields: dict[str, Any] = {}
         meta: dict[str, Any] = {}
         params: dict[str, Any] = {}
-        for name, value in zip(header, values, strict=True):
-            if name.startswith("meta."):
+        for kind, name, value in zip(kinds, header, values, strict=True):
+            if kind is _META:
                 meta[name[5:]] = value
-            elif name.startswith("params."):
+            elif kind is _PARAMS:
                 if value.strip():  # an empty cell is a parameter not given, not ""
                     cell_duplicates.clear()
                     try:
@@ -1228,8 +1284,11 @@ def _csv_rows(path: Path, text: str) -> tuple[list[_RawRow], list[Problem]]:
             fields["meta"] = meta
         if params:
             fields["params"] = params
-        raws.append(_RawRow(fields, line))
-    return raws, problems
+        rows += 1
+        yield _RawRow(fields, line)
+
+
+_FIELD, _META, _PARAMS = "field", "meta", "params"
 
 
 def _csv_int(value: str) -> int | str:
@@ -1272,12 +1331,14 @@ def _load_manifest(path: Path, model: str | None, max_image_bytes: int) -> Manif
         raise ManifestError([Problem(str(path), None, "manifest", reason)])
     text = _read_text(path)
     top: dict[str, Any] = {}
+    raws: Iterable[_RawRow]
+    problems: list[Problem] = []
     if suffix in (".yaml", ".yml"):
         top, raws, problems = _yaml_rows(path, text)
     elif suffix == ".jsonl":
-        raws, problems = _jsonl_rows(path, text)
+        raws = _jsonl_rows(path, text, problems)
     else:
-        raws, problems = _csv_rows(path, text)
+        raws = _csv_rows(path, text, problems)
 
     lines = top.key_lines if isinstance(top, _Located) else {}
     manifest_model = top.get("model", DEFAULT_MODEL)
@@ -1326,7 +1387,9 @@ def _load_manifest(path: Path, model: str | None, max_image_bytes: int) -> Manif
             problems.append(Problem(str(path), lines.get("models"), "models", reason))
 
     builder = _Builder(path, model or manifest_model, max_image_bytes)
-    builder.problems.extend(problems)
+    # One list: CSV and JSON Lines rows are read as the builder takes them, and what the
+    # reading finds wrong joins what the checks find.
+    builder.problems = problems
     for raw in raws:
         builder.add(raw, defaults, dlines)
     rows = builder.finish()

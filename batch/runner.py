@@ -41,11 +41,12 @@ from batch.metrics import JsonLog
 from batch.models import known as known_models
 from batch.options import RunOptions
 from batch.outputs import existing_files
+from batch.plan import Planned, plan_rows
 from batch.polling import LAG_WEIGHT, PollSchedule
 from batch.settle import Settler
 from batch.slots import Slots
 from batch.spend import SpendGuard
-from batch.state import Action, LedgerState, Plan, RowStatus, count_actions, merge_states, plan_row
+from batch.state import Action, LedgerState, Plan, RowStatus, merge_states, plan_row
 from batch.stop import Stopped, StopSignal
 from batch.uploads import UploadCache
 
@@ -154,6 +155,7 @@ class Runner:
         self._started = time.monotonic()
         self.prices = Prices(options.price)
         self.held = 0  # rows a damaged ledger line keeps from being submitted
+        self._files: set[str] = set()  # OUT_DIR's files when the rows were planned
 
     # -- planning ------------------------------------------------------------
 
@@ -175,10 +177,36 @@ class Runner:
 
     def plans(self) -> Iterator[tuple[Row, Plan]]:
         files = existing_files(self.out_dir)
-        rows, retry_failed = self.state.rows, self.options.retry_failed
-        hold_all = self.state.damage_unattributed
         for row in self.rows:
-            yield row, plan_row(rows.get(row.id), row.fingerprint, files, retry_failed, hold_all)
+            yield row, self._plan_of(row, files)
+
+    def _plan_of(self, row: Row, files: set[str]) -> Plan:
+        state = self.state
+        return plan_row(
+            state.rows.get(row.id),
+            row.fingerprint,
+            files,
+            self.options.retry_failed,
+            state.damage_unattributed,
+        )
+
+    def _plan_all(self) -> Planned:
+        self._files = existing_files(self.out_dir)
+        return plan_rows(self.rows, self.state, self._files, self.options.retry_failed)
+
+    def _work(self, planned: Planned) -> Iterator[tuple[Row, Plan]]:
+        """Rows to poll, then rows to submit, each row's plan made as a worker takes it:
+        rows not yet begun are a byte each, and a row's plan is gone once it ends.
+
+        Known predictions go first: they are already paid for and the server may expire
+        them. A row is handed out only if its plan is still what was counted: one the
+        run already took (a poll that failed) is never taken again."""
+        for action in (Action.POLL, Action.SUBMIT):
+            for n in planned.indices(action):
+                row = self.rows[n]
+                plan = self._plan_of(row, self._files)
+                if plan.action is action:
+                    yield row, plan
 
     def _prepare(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -246,10 +274,7 @@ class Runner:
                 stop=self.stop,
                 options=opts,
             )
-            work = _chain(
-                (p for p in planned if p[1].action is Action.POLL),
-                (p for p in planned if p[1].action is Action.SUBMIT),
-            )
+            work = self._work(planned)
             self._emit()
             started = []
             for n in range(slots.workers):
@@ -292,36 +317,37 @@ class Runner:
             raise self._fatal
         return summary
 
-    async def _plan(self, settler: Settler) -> tuple[list[tuple[Row, Plan]], Prices, float | None]:
+    async def _plan(self, settler: Settler) -> tuple[Planned, Prices, float | None]:
         """Settle what earlier runs left in doubt, plan every row, price what is to submit."""
         if self.state.doubts:
-            fingerprints = {row.id: row.fingerprint for row in self.rows}
+            doubted = {d.row for d in self.state.doubts.values()}
+            fingerprints = {row.id: row.fingerprint for row in self.rows if row.id in doubted}
             adoptable = {
                 d.row: d.fingerprint is not None and fingerprints.get(d.row) == d.fingerprint
                 for d in self.state.doubts.values()
             }
             with contextlib.suppress(Stopped), self.stop.interruptible():
                 await settler.doubts(adoptable)
-        planned = await asyncio.to_thread(lambda: list(self.plans()))
-        for _, plan in planned:
-            if plan.action is Action.DONE:
-                self.progress.skipped += 1
-                self.progress.completed += 1
-            elif plan.action is Action.FAILED:
-                self.progress.failed += 1
-            elif plan.action is Action.HELD:
-                self.held += 1
-        to_submit = [row for row, plan in planned if plan.action is Action.SUBMIT]
+        planned = await asyncio.to_thread(self._plan_all)
+        counts = planned.counts
+        self.progress.skipped += counts[Action.DONE.value]
+        self.progress.completed += counts[Action.DONE.value]
+        self.progress.failed += counts[Action.FAILED.value]
+        self.held += counts[Action.HELD.value]
+        rows = self.rows
+
+        def to_submit() -> Iterator[Row]:
+            return (rows[n] for n in planned.indices(Action.SUBMIT))
+
         prices, balance = Prices(self.options.price), None
-        if to_submit and not self.stop.stopping:
+        if counts[Action.SUBMIT.value] and not self.stop.stopping:
             # Only a run that will pay asks: a resume of finished rows sends nothing.
             prices, balance = await asyncio.gather(
-                live_prices(self.client, to_submit, self.options.price), self.client.balance()
+                live_prices(self.client, to_submit(), self.options.price), self.client.balance()
             )
         self.prices = prices
         if self._on_plan is not None:
-            counts = count_actions(plan for _, plan in planned)
-            self._on_plan(estimate(counts, self.state.spend, to_submit, prices, balance))
+            self._on_plan(estimate(counts, self.state.spend, to_submit(), prices, balance))
         return planned, prices, balance
 
     def _run_event(self) -> RunStarted:
@@ -468,9 +494,3 @@ class Runner:
             stop_reason=stop.reason,
             exit_code=exit_code,
         )
-
-
-def _chain(*parts: Iterator[tuple[Row, Plan]]) -> Iterator[tuple[Row, Plan]]:
-    # Known predictions first: they are already paid for and the server may expire them.
-    for part in parts:
-        yield from part

@@ -1,0 +1,185 @@
+"""Mechanisms that keep a million-row manifest cheap, each checked at a small scale."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+import batch.ledger as ledger_module
+from batch.client import Client
+from batch.events import Completed, Event, Submitted, encode
+from batch.ledger import LedgerWriter, OtherLedgers, ledger_paths, read_ledger
+from batch.manifest import _request_hash, _text_lines, canonical_params, load_manifest
+from batch.options import RunOptions
+from batch.plan import plan_rows
+from batch.runner import Runner
+from batch.state import NO_RECORD, Action, LedgerState, RowStatus, apply
+from tests.conftest import make_image
+
+
+def _csv_manifest(tmp_path: Path, rows: int) -> Path:
+    make_image(tmp_path / "images" / "a.png")
+    lines = ["id,image,prompt,seed"]
+    lines += [f"r{n:06d},images/a.png,edit number {n % 7},{n}" for n in range(rows)]
+    path = tmp_path / "m.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _ledger_line(event: Event, ts: str = "2026-01-01T00:00:00.000Z") -> str:
+    return json.dumps({"ts": ts, **encode(event)}) + "\n"
+
+
+def test_row_hash_is_the_canonical_json_it_always_was() -> None:
+    """The fingerprint (and so every derived id) is unchanged by building its JSON by hand."""
+    cases = [
+        ("m/x", "a.png", 'make it "bright" \\ é ☃ \u2028', 7, "jpeg", {}),
+        ("m/x", "https://h/i.jpg", "p", -1, "png", {"z": 1, "a": [1.5, None, True], "b": "ü"}),
+        ("m/x", '["a.png", "b.png"]', "p\nq", 2_147_483_647, "webp", {"n": {"y": 2, "x": 1}}),
+    ]
+    for model, image, prompt, seed, fmt, params in cases:
+        expected = json.dumps(
+            [model, image, prompt, seed, fmt, params],
+            sort_keys=True,
+            separators=(",", ":"),
+            allow_nan=False,
+        )
+        got = _request_hash(model, image, prompt, seed, fmt, canonical_params(params))
+        assert got == hashlib.sha256(expected.encode()).hexdigest()
+
+
+def test_manifest_lines_read_as_stringio_reads_them() -> None:
+    """Manifest lines are split as io.StringIO split them, CR, LF and CRLF alike."""
+    for text in ["a\nb\r\nc", "a\n\nb\n", "x", "a\rb\r\nc\n", "a\r\n\r\n", "\n", "é\n☃"]:
+        for newline in ("", None):
+            assert list(_text_lines(text, newline)) == list(io.StringIO(text, newline=newline))
+
+
+def test_manifest_rows_are_not_held_twice_while_loading(tmp_path: Path) -> None:
+    """Loading 10k CSV rows peaks under twice what the rows keep (no raw list, no plan list)."""
+    path = _csv_manifest(tmp_path, 10_000)
+    tracemalloc.start()
+    try:
+        manifest = load_manifest(path)
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(manifest.rows) == 10_000
+    assert peak < 2 * kept, f"peak {peak / 1e6:.1f} MB for {kept / 1e6:.1f} MB of rows"
+
+
+def test_ledger_is_read_in_runs_not_whole(tmp_path: Path) -> None:
+    """Reading a 24 MB ledger holds a few MB of it at a time, not the whole file."""
+    path = tmp_path / "ledger.jsonl"
+    pad = "x" * 8000  # a field this version does not know: read past, never kept
+    with open(path, "w") as fh:
+        for n in range(3000):
+            fh.write(
+                _ledger_line(Submitted(f"r{n}", f"p{n}", 1, 1, intent=f"i{n}"))[:-2]
+                + f',"note":"{pad}"}}\n'
+            )
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        state, end = read_ledger(path, keep_last=False)
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert end == size and len(state.rows) == 3000
+    assert peak - kept < size / 3, (
+        f"{(peak - kept) / 1e6:.1f} MB held for a {size / 1e6:.0f} MB file"
+    )
+
+
+def test_planning_keeps_one_byte_per_row(tmp_path: Path) -> None:
+    """Planning 20k rows keeps a byte per row: no list of (row, plan) pairs."""
+    manifest = load_manifest(_csv_manifest(tmp_path, 20_000))
+    state = LedgerState()
+    tracemalloc.start()
+    try:
+        planned = plan_rows(manifest.rows, state, set(), retry_failed=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert planned.counts[Action.SUBMIT.value] == 20_000
+    assert peak < 20_000 * 4, f"{peak} bytes to plan 20k rows"
+
+
+def test_workers_take_polls_first_and_never_a_row_the_run_took(tmp_path: Path) -> None:
+    """Rows to poll go before rows to submit, and a row whose state moved on is not handed out."""
+    manifest = load_manifest(_csv_manifest(tmp_path, 4))
+    a, b, c, d = (row.id for row in manifest.rows)
+    fingerprints = [row.fingerprint for row in manifest.rows]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ledger.jsonl").write_text(
+        _ledger_line(Submitted(b, "pb", 1, 1, intent="ib", fingerprint=fingerprints[1]))
+        + _ledger_line(Submitted(d, "pd", 1, 1, intent="id", fingerprint=fingerprints[3]))
+    )
+    runner = Runner(manifest, Client("http://127.0.0.1:9", "k"), RunOptions(out_dir=out))
+    runner.load_state()
+    planned = runner._plan_all()
+    work = runner._work(planned)
+    assert [next(work)[0].id for _ in range(2)] == [b, d]  # the known predictions first
+    row, plan = next(work)
+    assert (row.id, plan.action) == (a, Action.SUBMIT)
+    # Row c ends (elsewhere in the run) before a worker reaches it: it is not taken again.
+    done = Completed(c, "pc", (f"{c}.jpeg",), fingerprint=fingerprints[2])
+    apply(runner.state, done, {})
+    (out / f"{c}.jpeg").write_bytes(b"x")
+    assert list(work) == []
+
+
+def test_a_run_keeps_no_record_of_the_rows_it_writes(tmp_path: Path) -> None:
+    """The writer's state keeps row facts, not each written line: a run does not grow per row."""
+
+    async def go() -> LedgerState:
+        state = LedgerState()
+        writer = LedgerWriter(tmp_path / "ledger.jsonl", state)
+        await writer.start()
+        for n in range(3):
+            await writer.write(Completed(f"r{n}", f"p{n}", (f"r{n}.jpeg",), sha256=("s",)))
+        await writer.close()
+        return state
+
+    state = asyncio.run(go())
+    assert [r.status for r in state.rows.values()] == [RowStatus.COMPLETED] * 3
+    assert all(r.last is NO_RECORD for r in state.rows.values())
+    assert read_ledger(tmp_path / "ledger.jsonl")[0].rows["r1"].last["sha256"] == ["s"]
+
+
+def test_ledger_paths_one_listing(tmp_path: Path) -> None:
+    """The folder's ledgers are the main one, then shard ledgers in order, nothing else."""
+    for name in [
+        "ledger.jsonl",
+        "ledger.shard-1-of-2.jsonl",
+        "ledger.shard-0-of-2.jsonl",
+        "ledger.shard-x.json",
+        "r1.jpeg",
+        "xledger.shard-0-of-2.jsonl",
+    ]:
+        (tmp_path / name).write_text("")
+    (tmp_path / "ledger.shard-9-of-9.jsonl").mkdir()
+    names = [p.name for p in ledger_paths(tmp_path)]
+    assert names == ["ledger.jsonl", "ledger.shard-0-of-2.jsonl", "ledger.shard-1-of-2.jsonl"]
+
+
+def test_new_shard_ledgers_are_looked_for_once_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run looks for shard ledgers that start after it, at most once per RELIST_SECONDS."""
+    own = tmp_path / "ledger.shard-0-of-2.jsonl"
+    own.write_text("")
+    others = OtherLedgers(own)
+    assert others.spend() == 0.0
+    late = tmp_path / "ledger.shard-1-of-2.jsonl"
+    late.write_text(_ledger_line(Submitted("r1", "p1", 1, 1, intent="i1", price=0.5)))
+    assert others.spend() == 0.0  # looked a moment ago: not yet
+    monkeypatch.setattr(ledger_module, "RELIST_SECONDS", 0.0)
+    assert others.spend() == 0.5
