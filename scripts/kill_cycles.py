@@ -1,6 +1,7 @@
 """Measure duplicate submissions across repeated kill -9 cycles against the emulator.
 
     .venv/bin/python scripts/kill_cycles.py [--cycles 25] [--rows 300] [--concurrency 12]
+        [--server-cap N]
 
 Starts a real `wsbatch run` subprocess, SIGKILLs it at a random moment, and repeats;
 then lets a last run finish and checks every row completed exactly once, and that the
@@ -33,6 +34,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=12)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--server-cap", type=int, default=None, help="tasks the emulator runs at once; more queue"
+    )
     args = parser.parse_args()
     rng = random.Random(args.seed)
     env = {**os.environ, "WAVESPEED_API_KEY": KEY}
@@ -40,7 +44,13 @@ def main() -> int:
         tempfile.TemporaryDirectory() as tmp,
         serve_in_thread(
             # A little server time per request keeps the send-to-record window open.
-            EmulatorConfig(api_key=KEY, latency=(0.2, 1.0), seed=args.seed, response_delay=0.02)
+            EmulatorConfig(
+                api_key=KEY,
+                latency=(0.2, 1.0),
+                seed=args.seed,
+                response_delay=0.02,
+                max_concurrent=args.server_cap,
+            )
         ) as emu,
     ):
         root = Path(tmp)
