@@ -245,15 +245,18 @@ class OtherLedgers:
         self._tails = {path: LedgerTail(path, off) for path, off in (offsets or {}).items()}
         self._lock = threading.Lock()
 
-    def refresh(self) -> list[LedgerState]:
+    def refresh(self, *, scan: bool = True) -> list[LedgerState]:
+        """Read on in every other ledger; ``scan`` first lists the folder for ledgers that
+        appeared since (a listing costs as much as the folder has files)."""
         with self._lock:
-            for path in ledger_paths(self.own.parent):
-                if path != self.own and path not in self._tails:
-                    self._tails[path] = LedgerTail(path, 0)  # a shard that started after us
+            if scan:
+                for path in ledger_paths(self.own.parent):
+                    if path != self.own and path not in self._tails:
+                        self._tails[path] = LedgerTail(path, 0)  # a shard that started after us
             return [tail.refresh() for tail in self._tails.values()]
 
-    def spend(self) -> float:
-        return sum(state.spend for state in self.refresh())
+    def spend(self, *, scan: bool = True) -> float:
+        return sum(state.spend for state in self.refresh(scan=scan))
 
     def known_ids(self) -> set[str]:
         known: set[str] = set()
