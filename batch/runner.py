@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -47,6 +48,9 @@ from batch.spend import SpendGuard
 from batch.state import Action, LedgerState, Plan, RowStatus, count_actions, merge_states, plan_row
 from batch.stop import Stopped, StopSignal
 from batch.uploads import UploadCache
+
+SPAWN_BATCH = 200
+GC_QUIET_ABOVE = 1000
 
 __all__ = ["PlanCallback", "Progress", "ProgressCallback", "RunOptions", "Runner", "Summary"]
 
@@ -246,12 +250,7 @@ class Runner:
                 (p for p in planned if p[1].action is Action.SUBMIT),
             )
             self._emit()
-            started = []
-            for n in range(max(1, opts.concurrency)):
-                task = asyncio.create_task(self._worker(res, work), name=f"worker-{n}")
-                started.append(task)
-                self._workers.add(task)
-                task.add_done_callback(self._workers.discard)
+            started = await self._spawn(res, work)
             while self._workers:
                 await asyncio.wait(set(self._workers))
             for task in started:
@@ -286,6 +285,33 @@ class Runner:
         if self._fatal is not None:
             raise self._fatal
         return summary
+
+    async def _spawn(
+        self, res: Resources, work: Iterator[tuple[Row, Plan]]
+    ) -> list[asyncio.Task[None]]:
+        """Start the workers, a batch at a time: 10,000 workers taking their first steps
+        in one turn of the loop would hold it for a second."""
+        count = max(1, self.options.concurrency)
+        # A large pool's tasks live as long as the run: full collections while they are
+        # made would walk them all again and again (pauses of 0.3 s at 10,000 workers),
+        # so collection waits, and they are set aside from it once made.
+        quiet = count > GC_QUIET_ABOVE and gc.isenabled()
+        if quiet:
+            gc.disable()
+        started = []
+        try:
+            for n in range(count):
+                task = asyncio.create_task(self._worker(res, work), name=f"worker-{n}")
+                started.append(task)
+                self._workers.add(task)
+                task.add_done_callback(self._workers.discard)
+                if n % SPAWN_BATCH == SPAWN_BATCH - 1:
+                    await asyncio.sleep(0)
+        finally:
+            if quiet:
+                gc.freeze()
+                gc.enable()
+        return started
 
     async def _plan(self, settler: Settler) -> tuple[list[tuple[Row, Plan]], Prices, float | None]:
         """Settle what earlier runs left in doubt, plan every row, price what is to submit."""

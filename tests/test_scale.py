@@ -95,3 +95,47 @@ def test_budget_guard_finds_a_shard_that_started_after_it(tmp_path: Path):
             guard.close()
 
     asyncio.run(main())
+
+
+def test_rows_starting_together_read_their_input_once(
+    run, images, write_manifest, emulator, monkeypatch
+):
+    """Workers that start on one file together share one read and hash of it, and one upload."""
+    import batch.uploads
+
+    reads: list[Path] = []
+    real = batch.uploads.read_bytes
+
+    async def counted(path: Path) -> bytes:
+        reads.append(path)
+        return await real(path)
+
+    monkeypatch.setattr(batch.uploads, "read_bytes", counted)
+    rows = [{"id": f"r{n}", "image": str(images[0]), "prompt": f"p{n}"} for n in range(10)]
+    result = run(write_manifest(rows), "--concurrency", "10")
+    assert result.code == 0, result.err
+    assert len(reads) == 1 and emulator.stats.uploads == 1
+
+
+def test_a_large_pool_starts_in_batches_with_collection_held_off(
+    images, write_manifest, emulator, monkeypatch, tmp_path
+):
+    """Workers past the threshold are made a batch at a time, set aside from collection,
+    and the collector is on again for the run."""
+    import gc
+
+    from batch import run_manifest
+
+    monkeypatch.setattr("batch.runner.SPAWN_BATCH", 3)
+    monkeypatch.setattr("batch.runner.GC_QUIET_ABOVE", 4)
+    frozen = gc.get_freeze_count()
+    rows = [{"id": f"r{n}", "image": str(images[n % 4]), "prompt": "p"} for n in range(10)]
+    try:
+        summary = run_manifest(
+            write_manifest(rows), out_dir=tmp_path / "out", base_url=emulator.base_url,
+            concurrency=10,
+        )  # fmt: skip
+        assert summary.completed == 10 and gc.isenabled()
+        assert gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
