@@ -22,6 +22,7 @@ from typing import Any
 
 from batch import __version__
 from batch.account import Estimate, Prices, estimate, live_prices
+from batch.bulk import gc_paused
 from batch.client import Client
 from batch.errors import AuthError
 from batch.events import Failed, Finished, RunStarted
@@ -295,22 +296,20 @@ class Runner:
         # A large pool's tasks live as long as the run: full collections while they are
         # made would walk them all again and again (pauses of 0.3 s at 10,000 workers),
         # so collection waits, and they are set aside from it once made.
-        quiet = count > GC_QUIET_ABOVE and gc.isenabled()
-        if quiet:
-            gc.disable()
+        quiet = count > GC_QUIET_ABOVE
         started = []
-        try:
-            for n in range(count):
-                task = asyncio.create_task(self._worker(res, work), name=f"worker-{n}")
-                started.append(task)
-                self._workers.add(task)
-                task.add_done_callback(self._workers.discard)
-                if n % SPAWN_BATCH == SPAWN_BATCH - 1:
-                    await asyncio.sleep(0)
-        finally:
-            if quiet:
-                gc.freeze()
-                gc.enable()
+        with gc_paused() if quiet else contextlib.nullcontext():
+            try:
+                for n in range(count):
+                    task = asyncio.create_task(self._worker(res, work), name=f"worker-{n}")
+                    started.append(task)
+                    self._workers.add(task)
+                    task.add_done_callback(self._workers.discard)
+                    if n % SPAWN_BATCH == SPAWN_BATCH - 1:
+                        await asyncio.sleep(0)
+            finally:
+                if quiet:
+                    gc.freeze()
         return started
 
     async def _plan(self, settler: Settler) -> tuple[list[tuple[Row, Plan]], Prices, float | None]:

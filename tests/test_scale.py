@@ -139,3 +139,17 @@ def test_a_large_pool_starts_in_batches_with_collection_held_off(
         assert gc.get_freeze_count() > frozen
     finally:
         gc.unfreeze()
+
+
+def test_progress_lines_are_throttled():
+    """Thousands of progress reports in a second print one line, not one each."""
+    import io
+
+    from batch.cli import _ProgressView
+    from batch.runner import Progress
+
+    stream = io.StringIO()
+    view = _ProgressView(enabled=True, stream=stream)
+    for n in range(5000):
+        view(Progress(total=10_000, completed=n, in_flight=100))
+    assert len(stream.getvalue().splitlines()) == 1
