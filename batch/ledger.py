@@ -255,6 +255,11 @@ class OtherLedgers:
                         self._tails[path] = LedgerTail(path, 0)  # a shard that started after us
             return [tail.refresh() for tail in self._tails.values()]
 
+    @property
+    def known(self) -> bool:
+        """Whether any other ledger has been found (then each check reads on in it)."""
+        return bool(self._tails)
+
     def spend(self, *, scan: bool = True) -> float:
         return sum(state.spend for state in self.refresh(scan=scan))
 

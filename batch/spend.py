@@ -79,7 +79,9 @@ class SpendGuard:
                 # Checked again under the lock: other workers may have sent while we waited.
                 self._check_max_tasks()
                 scan = self._held_by_another()
-                others = await asyncio.to_thread(self._others.spend, scan=scan)
+                others = 0.0  # alone in the folder: no file to read, no thread to wait for
+                if scan or self._others.known:
+                    others = await asyncio.to_thread(self._others.spend, scan=scan)
                 self._check_money(event.price, others)
                 self.committed += 1
                 await self.writer.write(event, durable=True)
