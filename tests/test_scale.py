@@ -153,3 +153,35 @@ def test_progress_lines_are_throttled():
     for n in range(5000):
         view(Progress(total=10_000, completed=n, in_flight=100))
     assert len(stream.getvalue().splitlines()) == 1
+
+
+def test_ledger_writers_of_one_batch_wake_a_share_at_a_time(tmp_path: Path):
+    """A thousand lines written together: their writers go on over several loop turns."""
+    from batch.events import Failed
+    from batch.ledger import WAKE_BATCH
+
+    async def main() -> list[int]:
+        writer = LedgerWriter(tmp_path / "ledger.jsonl", LedgerState())
+        await writer.start()
+        turns = 0
+
+        async def ticker() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        tick = asyncio.create_task(ticker())
+        resumed: list[int] = []
+
+        async def write(n: int) -> None:
+            await writer.write(Failed(row=f"r{n}", error="x", retryable=True))
+            resumed.append(turns)
+
+        await asyncio.gather(*(write(n) for n in range(4 * WAKE_BATCH)))
+        tick.cancel()
+        await writer.close()
+        return resumed
+
+    resumed = asyncio.run(main())
+    assert len(resumed) == 4 * WAKE_BATCH and len(set(resumed)) >= 4
