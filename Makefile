@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEV_STAMP := $(VENV)/.dev-installed-stamp
 
-.PHONY: install install-dev demo test lint typecheck unit bench clean
+.PHONY: install install-dev demo test lint typecheck unit bench bench-scale clean
 
 # The program and its dataset export: what a user needs.
 $(STAMP): pyproject.toml
@@ -40,8 +40,14 @@ unit: install-dev
 
 test: lint typecheck unit
 
+# The comparison with the vendor's SDK (about 10 minutes), then bench-scale.
 bench: install
 	$(BIN)/python -m tests.bench.bench
+
+# Issue 18's figures at scale: 1M-row validate/resume/status, 10,000 in flight, memory
+# flat in rows (a few minutes; `python -m tests.bench.scale --help` to scale it down).
+bench-scale: install
+	$(BIN)/python -m tests.bench.scale
 
 clean:
 	rm -rf $(VENV) output/*/ .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -26,6 +26,7 @@ from batch.client import Client
 from batch.errors import AuthError, UsageError
 from batch.export import METADATA_NAME, write_metadata
 from batch.folder import default_out_dir
+from batch.lag import lag_probe_from_env
 from batch.ledger import ledger_name, ledger_paths, read_ledgers
 from batch.lock import OutDirLock
 from batch.manifest import Manifest, load_manifest, shard_of
@@ -40,6 +41,7 @@ from batch.runner import (
 )
 from batch.slots import Slots
 from batch.state import LedgerState, RowState, RowStatus
+from batch.transport import connection_pool
 from batch.urls import DEFAULT_BASE_URL, check_base_url, resolve_base_url
 
 P = ParamSpec("P")
@@ -267,9 +269,8 @@ async def run_manifest_async(
     lock = OutDirLock(target, shard=shard)
     await asyncio.to_thread(lock.acquire)  # it may wait out a reader's probe
     with lock:
-        # Each worker holds one connection at a time; a few spare for keep-alive.
         workers = Slots(concurrency, queue_ahead).workers
-        async with Client(url, key.value, connections=workers + 8) as client:
+        async with Client(url, key.value, connections=connection_pool(workers)) as client:
             runner = Runner(
                 manifest,
                 client,
@@ -278,7 +279,8 @@ async def run_manifest_async(
                 on_plan=on_plan,
                 ledger_name=ledger_name(shard),
             )
-            summary = await runner.run()
+            async with lag_probe_from_env():
+                summary = await runner.run()
         # The ledger is the truth; metadata.jsonl only changes when rows completed.
         if summary.completed > summary.already_done or not (target / METADATA_NAME).exists():
             await asyncio.to_thread(write_metadata, target)

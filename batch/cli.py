@@ -660,11 +660,17 @@ def _run_one(
 
 def _fit_open_file_limit(concurrency: int) -> int:
     """Lift the soft fd limit toward the hard one for large pools, and clamp the pool
-    to what fits: running out of descriptors mid-run would fail rows already paid for."""
+    to what fits: running out of descriptors mid-run would fail rows already paid for.
+
+    A descriptor per connection (capped, whatever the concurrency) and a margin for the
+    ledger, the output files in the writer threads and the loop's own."""
     import resource
 
+    from batch.transport import connection_pool
+
+    margin = 64
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = concurrency * 2 + 64
+    wanted = connection_pool(concurrency) + margin
     if soft != resource.RLIM_INFINITY and soft < wanted:
         target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         with contextlib.suppress(ValueError, OSError):
@@ -672,7 +678,7 @@ def _fit_open_file_limit(concurrency: int) -> int:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY or soft >= wanted:
         return concurrency
-    fits = max(1, (soft - 64) // 2)
+    fits = max(1, soft - margin - 8)
     print(
         f"wsbatch: warning: the open-file limit ({soft}) fits --concurrency {fits}, "
         f"not {concurrency}; raise it with `ulimit -n` for more",

@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
 import re
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,9 +27,6 @@ from batch.state import LedgerState, apply, merge_states
 
 LEDGER_NAME = "ledger.jsonl"
 SHARD_LEDGER_GLOB = "ledger.shard-*.jsonl"
-# How often a run looks for shard ledgers that started after it: listing a folder of a
-# million outputs on every submit would make a run quadratic in its rows.
-RELIST_SECONDS = 1.0
 
 
 def utc_now() -> str:
@@ -345,20 +340,24 @@ class OtherLedgers:
         self.own = own
         self._tails = {path: LedgerTail(path, off) for path, off in (offsets or {}).items()}
         self._lock = threading.Lock()
-        self._listed = -math.inf  # time.monotonic() of the last look for new ledgers
 
-    def refresh(self) -> list[LedgerState]:
+    def refresh(self, *, scan: bool = True) -> list[LedgerState]:
+        """Read on in every other ledger; ``scan`` first lists the folder for ledgers that
+        appeared since (a listing costs as much as the folder has files)."""
         with self._lock:
-            now = time.monotonic()
-            if now - self._listed >= RELIST_SECONDS:
-                self._listed = now
+            if scan:
                 for path in ledger_paths(self.own.parent):
                     if path != self.own and path not in self._tails:
                         self._tails[path] = LedgerTail(path, 0)  # a shard that started after us
             return [tail.refresh() for tail in self._tails.values()]
 
-    def spend(self) -> float:
-        return sum(state.spend for state in self.refresh())
+    @property
+    def known(self) -> bool:
+        """Whether any other ledger has been found (then each check reads on in it)."""
+        return bool(self._tails)
+
+    def spend(self, *, scan: bool = True) -> float:
+        return sum(state.spend for state in self.refresh(scan=scan))
 
     def known_ids(self) -> set[str]:
         known: set[str] = set()
@@ -373,6 +372,9 @@ class _Pending:
     data: bytes
     durable: bool
     done: asyncio.Future[None]
+
+
+WAKE_BATCH = 256
 
 
 class LedgerWriter:
@@ -448,9 +450,13 @@ class LedgerWriter:
                     raise
                 continue
             self.lines_written += len(batch)
-            for p in batch:
+            for n, p in enumerate(batch, 1):
                 if not p.done.done():
                     p.done.set_result(None)
+                if n % WAKE_BATCH == 0 and n < len(batch):
+                    # Thousands of writers woken in one turn of the loop would hold it
+                    # for a tenth of a second: let each share go on before the next.
+                    await asyncio.sleep(0)
 
     def _flush(self, data: bytes, durable: bool) -> None:
         view = memoryview(data)

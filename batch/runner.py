@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -21,6 +22,7 @@ from typing import Any
 
 from batch import __version__
 from batch.account import Estimate, Prices, estimate, live_prices
+from batch.bulk import gc_paused
 from batch.client import Client
 from batch.errors import AuthError
 from batch.events import Failed, Finished, RunStarted
@@ -49,6 +51,9 @@ from batch.spend import SpendGuard
 from batch.state import Action, LedgerState, Plan, RowStatus, merge_states, plan_row
 from batch.stop import Stopped, StopSignal
 from batch.uploads import UploadCache
+
+SPAWN_BATCH = 200
+GC_QUIET_ABOVE = 1000
 
 __all__ = ["PlanCallback", "Progress", "ProgressCallback", "RunOptions", "Runner", "Summary"]
 
@@ -276,12 +281,7 @@ class Runner:
             )
             work = self._work(planned)
             self._emit()
-            started = []
-            for n in range(slots.workers):
-                task = asyncio.create_task(self._worker(res, work), name=f"worker-{n}")
-                started.append(task)
-                self._workers.add(task)
-                task.add_done_callback(self._workers.discard)
+            started = await self._spawn(res, work, slots.workers)
             while self._workers:
                 await asyncio.wait(set(self._workers))
             for task in started:
@@ -316,6 +316,30 @@ class Runner:
         if self._fatal is not None:
             raise self._fatal
         return summary
+
+    async def _spawn(
+        self, res: Resources, work: Iterator[tuple[Row, Plan]], count: int
+    ) -> list[asyncio.Task[None]]:
+        """Start the workers, a batch at a time: 10,000 workers taking their first steps
+        in one turn of the loop would hold it for a second."""
+        # A large pool's tasks live as long as the run: full collections while they are
+        # made would walk them all again and again (pauses of 0.3 s at 10,000 workers),
+        # so collection waits, and they are set aside from it once made.
+        quiet = count > GC_QUIET_ABOVE
+        started = []
+        with gc_paused() if quiet else contextlib.nullcontext():
+            try:
+                for n in range(count):
+                    task = asyncio.create_task(self._worker(res, work), name=f"worker-{n}")
+                    started.append(task)
+                    self._workers.add(task)
+                    task.add_done_callback(self._workers.discard)
+                    if n % SPAWN_BATCH == SPAWN_BATCH - 1:
+                        await asyncio.sleep(0)
+            finally:
+                if quiet:
+                    gc.freeze()
+        return started
 
     async def _plan(self, settler: Settler) -> tuple[Planned, Prices, float | None]:
         """Settle what earlier runs left in doubt, plan every row, price what is to submit."""

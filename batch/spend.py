@@ -6,7 +6,9 @@ any instant can only over-count what this folder paid, never under-count.
 The account's balance, read when the run began, caps what the run commits.
 ``--budget`` caps the whole folder: with several shards running side by side
 the check and the intent happen under one lock file, after reading what the
-other shards' ledgers have added since.
+other shards' ledgers have added since. Each holder of the lock signs the lock file;
+a signature not our own means another shard held it, and only then is the folder
+listed for ledgers that appeared (a listing costs as much as the folder has files).
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ class SpendGuard:
         self._others = others if others is not None else OtherLedgers(writer.path)
         self._lock = asyncio.Lock()
         self._fd = -1
+        self._signature: bytes | None = None  # what this guard last wrote in the lock file
+        self._signer = uuid.uuid4().hex  # guards of one process (tests, notebooks) differ too
+        self._signed = 0
 
     async def reserve(self, event: Submitting) -> None:
         """Write the durable intent for one submit; raise ``Stopped`` when the run may not
@@ -73,11 +78,15 @@ class SpendGuard:
             try:
                 # Checked again under the lock: other workers may have sent while we waited.
                 self._check_max_tasks()
-                others = await asyncio.to_thread(self._others.spend)
+                scan = self._held_by_another()
+                others = 0.0  # alone in the folder: no file to read, no thread to wait for
+                if scan or self._others.known:
+                    others = await asyncio.to_thread(self._others.spend, scan=scan)
                 self._check_money(event.price, others)
                 self.committed += 1
                 await self.writer.write(event, durable=True)
             finally:
+                self._sign()
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _check_max_tasks(self) -> None:
@@ -122,6 +131,16 @@ class SpendGuard:
                 return
             except BlockingIOError:
                 await asyncio.sleep(LOCK_POLL_S)
+
+    def _held_by_another(self) -> bool:
+        """Whether another process took the budget lock since this guard last held it
+        (always, the first time): only such a one can have started a new ledger."""
+        return self._signature is None or os.pread(self._fd, 64, 0) != self._signature
+
+    def _sign(self) -> None:
+        self._signed += 1
+        self._signature = f"{self._signer} {self._signed:>19}\n".encode()
+        os.pwrite(self._fd, self._signature, 0)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -28,6 +28,9 @@ MAX_JSON_BYTES = 1024 * 1024
 # A 500/502/504 may come from a proxy after the server took the request; 503 and 429
 # are refusals before any work.
 OUTCOME_UNKNOWN_STATUSES = frozenset({500, 502, 504})
+# The most connections a run keeps open, whatever its --concurrency: a task waiting
+# between polls holds none, so 10,000 in flight need far fewer sockets (and fds).
+MAX_CONNECTIONS = 512
 CREDIT_WORDS = re.compile(r"insufficient|balance|credit|top.?up|quota exhausted", re.IGNORECASE)
 
 
@@ -47,6 +50,12 @@ class Timeouts:
         return aiohttp.ClientTimeout(
             total=self.connect + read, connect=self.connect, sock_read=read
         )
+
+
+def connection_pool(concurrency: int) -> int:
+    """Connections for a run of ``concurrency`` workers: one each and a few spare for
+    keep-alive, up to ``MAX_CONNECTIONS``."""
+    return min(concurrency + 8, MAX_CONNECTIONS)
 
 
 def origin(url: str) -> tuple[str, str, int | None]:
@@ -152,6 +161,9 @@ def transport_error(exc: BaseException, what: str) -> ApiError:
     if isinstance(exc, aiohttp.ClientConnectorError):
         # Refused before anything was sent: a submit created nothing.
         return ApiError(f"{what}: cannot connect ({exc.os_error})", retryable=True)
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        # No connection in time (a full pool or a slow connect): nothing was sent either.
+        return ApiError(f"{what}: no connection in time", retryable=True)
     if isinstance(exc, TimeoutError):
         return ApiError(f"{what}: no answer in time", retryable=True, outcome_unknown=True)
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):

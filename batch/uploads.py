@@ -27,24 +27,22 @@ async def _read_and_hash(path: Path) -> tuple[str, bytes]:
     return hashlib.sha256(data).hexdigest(), data
 
 
+class _Abandoned(Exception):
+    """The row reading a file for the others was stopped: another one reads it."""
+
+
 class UploadCache:
     def __init__(self, client: Client, writer: LedgerWriter, state: LedgerState) -> None:
         self.client = client
         self.writer = writer
         self.state = state
-        self._sha: dict[Path, str] = {}
+        self._sha: dict[Path, asyncio.Future[str]] = {}
         self._urls: dict[str, asyncio.Future[str]] = {}
         self._reused: set[str] = set()
 
     async def url_for(self, path: Path, label: str, retry: Retry) -> str:
         """The URL to send for a local input, uploading it if no fresh one is known."""
-        data: bytes | None = None
-        known = self._sha.get(path)
-        if known is None:
-            sha, data = await _read_and_hash(path)
-            self._sha[path] = sha
-        else:
-            sha = known
+        sha, data = await self._hash(path)
         future = self._urls.get(sha)
         if future is None:
             future = asyncio.get_running_loop().create_future()
@@ -66,6 +64,29 @@ class UploadCache:
                 future.set_result(url)
         return await asyncio.shield(future)
 
+    async def _hash(self, path: Path) -> tuple[str, bytes | None]:
+        """The file's sha256, read and hashed once however many rows start on it together
+        (10,000 reads of one file would hold the loop for seconds); the bytes go to the
+        row that read them."""
+        while True:
+            pending = self._sha.get(path)
+            if pending is not None:
+                try:
+                    return await asyncio.shield(pending), None
+                except _Abandoned:
+                    continue
+            pending = asyncio.get_running_loop().create_future()
+            self._sha[path] = pending
+            try:
+                sha, data = await _read_and_hash(path)
+            except BaseException as exc:
+                del self._sha[path]  # the next row reads it again
+                pending.set_exception(exc if isinstance(exc, Exception) else _Abandoned())
+                pending.exception()  # retrieved: there may be no waiter
+                raise
+            pending.set_result(sha)
+            return sha, data
+
     async def _upload(
         self, path: Path, sha: str, data: bytes | None, label: str, retry: Retry
     ) -> str:
@@ -85,7 +106,8 @@ class UploadCache:
 
     def forget_reused(self, path: Path) -> bool:
         """An upload reused from an earlier run turned out expired: upload afresh, once."""
-        sha = self._sha.get(path)
+        known = self._sha.get(path)
+        sha = known.result() if known is not None and known.done() else None
         if sha is None or sha not in self._reused:
             return False
         self._reused.discard(sha)

@@ -727,8 +727,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.no_compare:
             print(flush=True)
-        scale_args = [f"--latency={args.latency[0]},{args.latency[1]}"]
-        scale_status = scale.main(scale_args + (["--strict"] if args.strict else []))
+        scale_status = scale.main(["--strict"] if args.strict else [])
         status = status or scale_status
     return status
 

@@ -9,12 +9,9 @@ import json
 import tracemalloc
 from pathlib import Path
 
-import pytest
-
-import batch.ledger as ledger_module
 from batch.client import Client
 from batch.events import Completed, Event, Submitted, encode
-from batch.ledger import LedgerWriter, OtherLedgers, ledger_paths, read_ledger
+from batch.ledger import LedgerWriter, ledger_paths, read_ledger
 from batch.manifest import _request_hash, _text_lines, canonical_params, load_manifest
 from batch.options import RunOptions
 from batch.plan import plan_rows
@@ -168,18 +165,3 @@ def test_ledger_paths_one_listing(tmp_path: Path) -> None:
     (tmp_path / "ledger.shard-9-of-9.jsonl").mkdir()
     names = [p.name for p in ledger_paths(tmp_path)]
     assert names == ["ledger.jsonl", "ledger.shard-0-of-2.jsonl", "ledger.shard-1-of-2.jsonl"]
-
-
-def test_new_shard_ledgers_are_looked_for_once_a_second(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A run looks for shard ledgers that start after it, at most once per RELIST_SECONDS."""
-    own = tmp_path / "ledger.shard-0-of-2.jsonl"
-    own.write_text("")
-    others = OtherLedgers(own)
-    assert others.spend() == 0.0
-    late = tmp_path / "ledger.shard-1-of-2.jsonl"
-    late.write_text(_ledger_line(Submitted("r1", "p1", 1, 1, intent="i1", price=0.5)))
-    assert others.spend() == 0.0  # looked a moment ago: not yet
-    monkeypatch.setattr(ledger_module, "RELIST_SECONDS", 0.0)
-    assert others.spend() == 0.5

@@ -1,0 +1,81 @@
+"""The event loop's lag, measured on request: ``WSBATCH_LAG_PROBE=FILE`` makes a run
+write how late a ticker woke (p50, p99, max, in seconds) to FILE as JSON at its end.
+
+A coroutine that holds the loop delays every poll and every ledger line behind it;
+this is how the benchmark sees that at 10,000 tasks in flight. Off by default: it
+costs a wake-up every ``STEP`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+LAG_PROBE_ENV = "WSBATCH_LAG_PROBE"
+STEP = 0.05
+
+
+class LagProbe:
+    """A ticker sleeping ``step`` seconds at a time; each wake-up's lateness is a sample."""
+
+    def __init__(self, step: float = STEP) -> None:
+        self.step = step
+        self.samples: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._tick(), name="lag-probe")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.step)
+            self.samples.append(max(loop.time() - before - self.step, 0.0))
+
+    def figures(self) -> dict[str, Any]:
+        ordered = sorted(self.samples)
+        if not ordered:
+            return {"samples": 0, "step_s": self.step}
+
+        def at(q: float) -> float:
+            return round(ordered[min(int(q * len(ordered)), len(ordered) - 1)], 4)
+
+        return {
+            "samples": len(ordered),
+            "step_s": self.step,
+            "p50_s": at(0.5),
+            "p99_s": at(0.99),
+            "max_s": round(ordered[-1], 4),
+            "mean_s": round(sum(ordered) / len(ordered), 4),
+        }
+
+
+@contextlib.asynccontextmanager
+async def lag_probe_from_env() -> AsyncIterator[LagProbe | None]:
+    """A running probe when ``WSBATCH_LAG_PROBE`` names a file, its figures written there
+    when the block ends; else nothing."""
+    target = os.environ.get(LAG_PROBE_ENV, "").strip()
+    if not target:
+        yield None
+        return
+    probe = LagProbe()
+    probe.start()
+    try:
+        yield probe
+    finally:
+        await probe.stop()
+        text = json.dumps(probe.figures(), sort_keys=True) + "\n"
+        await asyncio.to_thread(Path(target).write_text, text)
