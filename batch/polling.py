@@ -29,6 +29,7 @@ LAG_WEIGHT = 6.0
 # once whenever it is noticed: lag then costs only the last tasks' wait.
 QUEUED_LAG_WEIGHT = 2.0
 GRID_SLACK = 0.1
+REFRESH_S = 0.5
 # Gaps as a share of a task's age while no latency is known yet: the first wave is seen
 # within a quarter of its age (a sixth of the run's tasks when rows are six times slots).
 UNKNOWN_SHARE = 0.25
@@ -87,13 +88,15 @@ class PollSchedule:
             del self._sorted[bisect.bisect_left(self._sorted, old)]
         self._recent.append(latency)
         bisect.insort(self._sorted, latency)
-        self._cache = (-1.0, [])
+        if len(self._sorted) <= MIN_SAMPLES:
+            self._cache = (-1.0, [])  # the first estimate is worth having at once
 
     def quantiles(self, now: float) -> list[float]:
         """The latencies by which QUANTILES of tasks finish; fewer when too many tasks
-        are still running to tell. Recomputed at most every 0.2 s."""
+        are still running to tell. Recomputed at most every REFRESH_S: with thousands of
+        tasks out, a completion every few milliseconds would otherwise redo it each time."""
         at, cached = self._cache
-        if 0 <= now - at < 0.2:
+        if 0 <= now - at < REFRESH_S:
             return cached
         events = [(t, 1) for t in self._sorted]
         events += [(now - started, 0) for started in self._running.values()]
