@@ -29,7 +29,8 @@ LAG_WEIGHT = 6.0
 # once whenever it is noticed: lag then costs only the last tasks' wait.
 QUEUED_LAG_WEIGHT = 2.0
 GRID_SLACK = 0.1
-REFRESH_S = 0.5
+REFRESH_S = 0.2
+FRESH_S_PER_TASK = 0.0002
 # Gaps as a share of a task's age while no latency is known yet: the first wave is seen
 # within a quarter of its age (a sixth of the run's tasks when rows are six times slots).
 UNKNOWN_SHARE = 0.25
@@ -63,6 +64,7 @@ class PollSchedule:
         self.first = 2 * floor if first is None else first
         self.max_gap = max_gap
         self.lag_weight = LAG_WEIGHT
+        self._dirty = False
         self._recent: deque[float] = deque(maxlen=WINDOW)
         self._sorted: list[float] = []
         self._running: dict[object, float] = {}
@@ -88,15 +90,16 @@ class PollSchedule:
             del self._sorted[bisect.bisect_left(self._sorted, old)]
         self._recent.append(latency)
         bisect.insort(self._sorted, latency)
-        if len(self._sorted) <= MIN_SAMPLES:
-            self._cache = (-1.0, [])  # the first estimate is worth having at once
+        self._dirty = True
 
     def quantiles(self, now: float) -> list[float]:
         """The latencies by which QUANTILES of tasks finish; fewer when too many tasks
-        are still running to tell. Recomputed at most every REFRESH_S: with thousands of
-        tasks out, a completion every few milliseconds would otherwise redo it each time."""
+        are still running to tell. Recomputed every REFRESH_S, and once a task finished
+        as soon as the cost allows: each time sorts every running task, so with thousands
+        out (and a completion every millisecond) it waits up to REFRESH_S."""
         at, cached = self._cache
-        if 0 <= now - at < REFRESH_S:
+        fresh = min(len(self._running) * FRESH_S_PER_TASK, REFRESH_S)
+        if 0 <= now - at < (fresh if self._dirty else REFRESH_S):
             return cached
         events = [(t, 1) for t in self._sorted]
         events += [(now - started, 0) for started in self._running.values()]
@@ -117,6 +120,7 @@ class PollSchedule:
                     ):
                         found.append(t)
         self._cache = (now, found)
+        self._dirty = False
         return found
 
     def grid(self, now: float) -> tuple[float, float] | None:
