@@ -254,6 +254,15 @@ def apply(
         if when is not None:
             state.uploads[event.sha256] = (event.download_url, when, event.base_url)
         return
+    if isinstance(event, Completed):
+        apply_completed(
+            state,
+            (event.row, event.prediction_id, event.outputs, event.seed, event.fingerprint),
+            ts,
+            record,
+            keep_last,
+        )
+        return
     row = state.rows.get(event.row)
     if row is None:
         row = state.rows[event.row] = RowState()
@@ -293,12 +302,7 @@ def apply(
         return  # nothing created, the row stands as it did
     if price and not isinstance(event, Submitted):
         _count_doubt(state, row, open_intent, price)  # an outcome never recorded for it
-    if keep_last:
-        row.last = record
-    if event.fingerprint is not None:
-        row.fingerprint = event.fingerprint
-    if event.seed is not None and event.seed >= 0:
-        row.seed = event.seed
+    _outcome(row, record, keep_last, event.fingerprint, event.seed)
     if isinstance(event, Submitted):
         paid = event.price if event.price is not None else (price or state.price)
         doubt = state.doubts.pop(event.intent, None) if event.intent else None
@@ -316,15 +320,6 @@ def apply(
         row.submitted_at = ts
         row.task_status = row.error = row.code = None
         row.retryable = False
-    elif isinstance(event, Completed):
-        row.base = RowStatus.COMPLETED
-        if event.prediction_id:
-            row.prediction_id = event.prediction_id
-            state.predictions.add(event.prediction_id)
-        row.outputs = event.outputs
-        row.task_status = "completed"
-        row.error = row.code = None
-        row.retryable = False
     else:
         if event.possible_duplicates:
             _count_unknown(state, row, state.price, event.possible_duplicates)
@@ -338,6 +333,55 @@ def apply(
         row.task_status = event.task_status
         if event.code == GONE_CODE:
             row.gone += 1
+
+
+def _outcome(
+    row: RowState,
+    record: Mapping[str, Any],
+    keep_last: bool,
+    fingerprint: str | None,
+    seed: int | None,
+) -> None:
+    """What every outcome of a submit (submitted, completed, failed) records alike."""
+    if keep_last:
+        row.last = record
+    if fingerprint is not None:
+        row.fingerprint = fingerprint
+    if seed is not None and seed >= 0:
+        row.seed = seed
+
+
+CompletedFacts = tuple[str, str, tuple[str, ...], int | None, str | None]
+
+
+def apply_completed(
+    state: LedgerState,
+    facts: CompletedFacts,
+    ts: str | None,
+    record: Mapping[str, Any],
+    keep_last: bool = True,
+) -> None:
+    """Apply a ``completed`` event given as its facts (row, prediction_id, outputs, seed,
+    fingerprint): what ``apply`` does with a ``Completed``, and what a ledger read does
+    with a checked ``completed`` line without building the event (``completed_facts``)."""
+    row_id, pid, outputs, seed, fingerprint = facts
+    row = state.rows.get(row_id)
+    if row is None:
+        row = state.rows[row_id] = RowState()
+    row.ts = ts
+    open_intent = row.intent
+    price = _close_intent(state, row)
+    if price:
+        _count_doubt(state, row, open_intent, price)  # an outcome never recorded for it
+    _outcome(row, record, keep_last, fingerprint, seed)
+    row.base = RowStatus.COMPLETED
+    if pid:
+        row.prediction_id = pid
+        state.predictions.add(pid)
+    row.outputs = outputs
+    row.task_status = "completed"
+    row.error = row.code = None
+    row.retryable = False
 
 
 def merge_states(states: list[LedgerState]) -> LedgerState:
