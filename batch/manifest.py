@@ -89,11 +89,19 @@ class Row:
     params: Mapping[str, Any]
     meta: Mapping[str, Any]
     fingerprint: str
-    source: str
+    # The manifest file (one string that every row shares) and the row's line in it:
+    # ``source`` says "file:line" when asked, and a million rows carry no million copies.
+    source_file: str
     image_path: Path | None = None
     # Further input images of one task (``image: [a.png, b.png]``), for models that take
     # a list; ``image``/``image_path`` are the first.
     extra_images: tuple[tuple[str, Path | None], ...] = ()
+    line: int | None = None
+
+    @property
+    def source(self) -> str:
+        """Where the row was written: "file:line", or the file alone."""
+        return f"{self.source_file}:{self.line}" if self.line else self.source_file
 
     @property
     def is_url(self) -> bool:
@@ -264,10 +272,15 @@ def _request_hash(model: str, image: str, prompt: str, seed: int, fmt: str, para
     """sha256 of ``[model, image, prompt, seed, fmt, params]`` as compact, key-sorted JSON
     (``params`` already so encoded): the text ``json.dumps`` makes of that list, built
     here from its parts because a million rows each paid for a whole dumps call."""
-    canonical = (
-        f"[{_json_str(model)},{_json_str(image)},{_json_str(prompt)},{int(seed)},"
-        f"{_json_str(fmt)},{params}]"
-    )
+    return _hash_encoded(_json_str(model), _json_str(image), prompt, seed, _json_str(fmt), params)
+
+
+def _hash_encoded(
+    model_text: str, image_text: str, prompt: str, seed: int, fmt_text: str, params: str
+) -> str:
+    """``_request_hash`` with the model, image and format already JSON strings: rows share
+    them, and the builder encodes each once."""
+    canonical = f"[{model_text},{image_text},{_json_str(prompt)},{int(seed)},{fmt_text},{params}]"
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -403,6 +416,9 @@ class _Builder:
         self._json_checks: dict[int, tuple[Any, list[tuple[str, str]], Any]] = {}
         self._plans: list[tuple[Any, ...]] = []  # rows from the first that expands on
         self._params_texts: dict[int, tuple[Any, str]] = {}
+        self._prompts: dict[str, str] = {}
+        self._json_texts: dict[str, str] = {}
+        self._model_text = _json_str(model)
 
     def problem(self, line: int | None, name: str, reason: str) -> None:
         # A row that expands (prompts x images x seeds) would repeat the same problem.
@@ -738,23 +754,36 @@ class _Builder:
         meta: Mapping[str, Any],
         extra: tuple[tuple[str, Path | None], ...] = (),
     ) -> None:
+        # Rows that say the same prompt share one string of it: a million rows of a few
+        # edits keep a few prompts, not a million copies.
+        prompt = self._prompts.setdefault(prompt, prompt)
         # One input keeps the hash (and so the derived id) it always had.
         key = image if not extra else json.dumps([image, *(ref for ref, _ in extra)])
-        digest = _request_hash(self.model, key, prompt, seed, fmt, self._params_json(params))
+        texts = self._json_texts  # the model's, a format's, an image's: each encoded once
+        image_text = texts.get(key)
+        if image_text is None:
+            image_text = texts[key] = _json_str(key)
+        fmt_text = texts.get(fmt)
+        if fmt_text is None:
+            fmt_text = texts[fmt] = _json_str(fmt)
+        params_text = self._params_json(params)
+        digest = _hash_encoded(self._model_text, image_text, prompt, seed, fmt_text, params_text)
+        # Positional, in the fields' order: a million keyword calls cost a third more.
         self.rows.append(
             Row(
-                id=explicit_id or self._derived_id(digest),
-                image=image,
-                prompt=prompt,
-                seed=seed,
-                output_format=fmt,
-                model=self.model,
-                params=params,
-                meta=meta,
-                fingerprint=digest[:32],
-                source=f"{self.source}:{line}" if line else self.source,
-                image_path=image_path,
-                extra_images=extra,
+                explicit_id or self._derived_id(digest),
+                image,
+                prompt,
+                seed,
+                fmt,
+                self.model,
+                params,
+                meta,
+                digest[:32],
+                self.source,
+                image_path,
+                extra,
+                line,
             )
         )
 
@@ -798,7 +827,10 @@ class _Builder:
             self._explicit_ids[explicit] = raw.key_lines.get("id", raw.line)
         self._planned += 1
         path = image_path if isinstance(image_path, Path) else None
-        self._add_plan(1, (raw.line, explicit, image, path, prompt, seed, fmt))
+        if self._plans:  # an earlier row expands: this one waits its turn
+            self._plans.append((raw.line, explicit, image, path, prompt, seed, fmt))
+        else:
+            self._append(raw.line, explicit, image, path, prompt, seed, fmt, _EMPTY, _EMPTY)
         return True
 
     def _one_or_many(

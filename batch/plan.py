@@ -16,7 +16,7 @@ from batch.manifest import Manifest, Row
 from batch.models import known as known_models
 from batch.models import schema_problems
 from batch.outputs import existing_files
-from batch.state import Action, LedgerState, plan_row
+from batch.state import Action, LedgerState, is_done, plan_row
 
 _CODE = {action: n for n, action in enumerate(Action)}
 # By identity: an Enum's hash is Python code, a million calls of it a second of planning.
@@ -54,9 +54,13 @@ def plan_rows(
 ) -> Planned:
     """Plan every row from the ledger state and the files on disk, in one pass."""
     known, hold_all, code = state.rows.get, state.damage_unattributed, _CODE_BY_ID
-    actions = bytearray(len(rows))
+    done = _CODE[Action.DONE]
+    actions = bytearray([done]) * len(rows)
     for n, row in enumerate(rows):
-        plan = plan_row(known(row.id), row.fingerprint, files, retry_failed, hold_all)
+        row_state = known(row.id)
+        if row_state is not None and is_done(row_state, row.fingerprint, files):
+            continue  # the common case of a resume, told without a plan
+        plan = plan_row(row_state, row.fingerprint, files, retry_failed, hold_all)
         actions[n] = code[id(plan.action)]
     return Planned(actions)
 

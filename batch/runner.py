@@ -159,12 +159,13 @@ class Runner:
 
     # -- planning ------------------------------------------------------------
 
-    def load_state(self) -> LedgerState:
-        """Read every ledger of OUT_DIR once; cut a torn tail off our own before appending."""
+    def load_state(self, ledgers: list[Path] | None = None) -> LedgerState:
+        """Read every ledger of OUT_DIR once (``ledgers``, when listed already); cut a torn
+        tail off our own before appending."""
         own, good_end = read_ledger(self.ledger_path, keep_last=False)
         cut_torn_tail(self.ledger_path, good_end)
         states = []
-        for path in ledger_paths(self.out_dir):
+        for path in ledger_paths(self.out_dir) if ledgers is None else ledgers:
             if path != self.ledger_path:
                 state, end = read_ledger(path, keep_last=False)
                 states.append(state)
@@ -210,9 +211,10 @@ class Runner:
 
     def _prepare(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        check_owner(self.out_dir, self.manifest)
+        ledgers = ledger_paths(self.out_dir)
+        check_owner(self.out_dir, self.manifest, ledgers)
         remove_temp_files(self.out_dir)
-        self.load_state()
+        self.load_state(ledgers)
 
     # -- the run -------------------------------------------------------------
 

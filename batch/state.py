@@ -452,15 +452,26 @@ def plan_row(
     return plan
 
 
+def is_done(state: RowState, fingerprint: str, files: set[str]) -> bool:
+    """Completed for this very request, every output on disk: the plan most rows of a
+    resume get, told without making one."""
+    return (
+        state.base is RowStatus.COMPLETED
+        and state.intent is None
+        and (state.fingerprint is None or state.fingerprint == fingerprint)
+        and bool(state.outputs)
+        and files.issuperset(state.outputs)
+    )
+
+
 def _plan(state: RowState, fingerprint: str, files: set[str], retry_failed: bool) -> Plan:
+    if is_done(state, fingerprint, files):
+        return _DONE
     if state.fingerprint is not None and state.fingerprint != fingerprint:
         return _SUBMIT  # the request changed under the same id: a new task
     seed, pid = state.seed, state.prediction_id
     status = state.status
     if status is RowStatus.COMPLETED:
-        outputs = state.outputs
-        if outputs and files.issuperset(outputs):
-            return _DONE
         # An output went missing: fetch it again while the server still has it.
         return Plan(Action.POLL, pid, seed) if pid else _submit(seed)
     if status is RowStatus.IN_FLIGHT and pid:
