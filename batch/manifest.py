@@ -17,11 +17,12 @@ import os
 import re
 import reprlib
 import stat
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, overload
 
 import yaml
 
@@ -113,11 +114,162 @@ class Row:
         return ((self.image, self.image_path), *self.extra_images)
 
 
+# What rows share: (image, image_path, output_format, params, meta, extra_images).
+_Kind = tuple[str, Path | None, str, Mapping[str, Any], Mapping[str, Any], tuple[Any, ...]]
+
+
+class RowTable(Sequence[Row]):
+    """A manifest's rows, kept as columns; each ``Row`` is made when it is asked for.
+
+    A million rows are a few lists and arrays (about a hundred bytes a row), not a
+    million objects: a resume plans from ``ids`` and ``fingerprint_at`` and never makes
+    the ``Row`` of a finished row, and a run makes each of its rows as a worker takes it.
+    """
+
+    __slots__ = (
+        "_fps",
+        "_kind_of",
+        "_kinds",
+        "_lines",
+        "_seeds",
+        "ids",
+        "model",
+        "prompts",
+        "source_file",
+    )
+
+    def __init__(self, model: str, source_file: str) -> None:
+        self.model = model
+        self.source_file = source_file
+        self.ids: list[str] = []
+        self.prompts: list[str] = []
+        self._seeds = array("i")  # SEED_MIN..SEED_MAX
+        self._lines = array("i")  # 0: no line (rows from the command line)
+        self._fps = bytearray()  # 16 bytes a row: the fingerprint's 32 hex digits
+        self._kinds: list[_Kind] = []
+        self._kind_of = array("I")
+
+    def add_kind(self, kind: _Kind) -> int:
+        """Keep what a run of rows shares; the number rows then refer to it by."""
+        self._kinds.append(kind)
+        return len(self._kinds) - 1
+
+    def append(
+        self, row_id: str, prompt: str, seed: int, digest: bytes, line: int | None, kind: int
+    ) -> None:
+        self.ids.append(row_id)
+        self.prompts.append(prompt)
+        self._seeds.append(seed)
+        self._lines.append(line or 0)
+        self._fps += digest[:16]
+        self._kind_of.append(kind)
+
+    def fingerprint_at(self, n: int) -> str:
+        """Row ``n``'s fingerprint, without making the row."""
+        return self._fps[16 * n : 16 * n + 16].hex()
+
+    def id_fingerprints(self) -> Iterator[tuple[str, str]]:
+        """(id, fingerprint) of each row, in order: all that planning needs of a row."""
+        fps = self._fps
+        for n, row_id in enumerate(self.ids):
+            yield row_id, fps[16 * n : 16 * n + 16].hex()
+
+    def samples(self) -> list[tuple[int, Row]]:
+        """(kind, row): one row of each set of shared fields (image, format, params, meta,
+        inputs), the first that has it. A check that looks at nothing else of a row looks
+        at these alone."""
+        first: dict[int, int] = {}
+        for n, kind in enumerate(self._kind_of):
+            first.setdefault(kind, n)
+        return [(kind, self._row(n)) for kind, n in first.items()]
+
+    def of_kinds(self, kinds: Iterable[int]) -> Iterator[Row]:
+        """Every row, in order, of one of ``kinds`` (as ``samples`` numbers them)."""
+        wanted = set(kinds)
+        return (self._row(n) for n, kind in enumerate(self._kind_of) if kind in wanted)
+
+    def take(self, indices: Iterable[int]) -> RowTable:
+        """The rows at ``indices``, as a table of their own (a shard's rows)."""
+        part = RowTable(self.model, self.source_file)
+        kinds: dict[int, int] = {}
+        for n in indices:
+            part.ids.append(self.ids[n])
+            part.prompts.append(self.prompts[n])
+            part._seeds.append(self._seeds[n])
+            part._lines.append(self._lines[n])
+            part._fps += self._fps[16 * n : 16 * n + 16]
+            k = self._kind_of[n]
+            if k not in kinds:
+                kinds[k] = len(part._kinds)
+                part._kinds.append(self._kinds[k])
+            part._kind_of.append(kinds[k])
+        return part
+
+    def _row(self, n: int) -> Row:
+        image, image_path, fmt, params, meta, extra = self._kinds[self._kind_of[n]]
+        return Row(
+            self.ids[n],
+            image,
+            self.prompts[n],
+            self._seeds[n],
+            fmt,
+            self.model,
+            params,
+            meta,
+            self._fps[16 * n : 16 * n + 16].hex(),
+            self.source_file,
+            image_path,
+            extra,
+            self._lines[n] or None,
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, index: int) -> Row: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Row, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> Row | tuple[Row, ...]:
+        if isinstance(index, slice):
+            return tuple(map(self._row, range(len(self.ids))[index]))
+        if index < 0:
+            index += len(self.ids)
+        if not 0 <= index < len(self.ids):
+            raise IndexError("row index out of range")
+        return self._row(index)
+
+    def __iter__(self) -> Iterator[Row]:
+        return map(self._row, range(len(self.ids)))
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to any sequence of the same rows, as the tuple it stands for would be."""
+        if not isinstance(other, RowTable | tuple | list):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # equal to lists, as a tuple is not
+
+
+def ids_and_fingerprints(rows: Sequence[Row]) -> Iterator[tuple[str, str]]:
+    """(id, fingerprint) of each row, without making the rows of a ``RowTable``."""
+    if isinstance(rows, RowTable):
+        return rows.id_fingerprints()
+    return ((row.id, row.fingerprint) for row in rows)
+
+
+def row_ids(rows: Sequence[Row]) -> Iterable[str]:
+    """Each row's id, without making the rows of a ``RowTable``."""
+    return rows.ids if isinstance(rows, RowTable) else (row.id for row in rows)
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     path: Path
     model: str
-    rows: tuple[Row, ...]
+    rows: Sequence[Row]
     settings: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -280,8 +432,14 @@ def _hash_encoded(
 ) -> str:
     """``_request_hash`` with the model, image and format already JSON strings: rows share
     them, and the builder encodes each once."""
+    return _digest(model_text, image_text, prompt, seed, fmt_text, params).hex()
+
+
+def _digest(
+    model_text: str, image_text: str, prompt: str, seed: int, fmt_text: str, params: str
+) -> bytes:
     canonical = f"[{model_text},{image_text},{_json_str(prompt)},{int(seed)},{fmt_text},{params}]"
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(canonical.encode()).digest()
 
 
 class _ShortRepr(reprlib.Repr):
@@ -403,7 +561,8 @@ class _Builder:
         self.problems: list[Problem] = []
         self._reported: set[Problem] = set()
         self._seen = 0  # problems found, counting repeats that are reported once
-        self.rows: list[Row] = []
+        self.rows = RowTable(model, self.source)
+        self._kinds: dict[tuple[Any, ...], int] = {}  # the table's shared fields, found
         self._explicit_ids: dict[str, int | None] = {}
         self._derived_ids: set[str] = set()
         self._derived_seen: dict[str, int] = {}
@@ -767,25 +926,16 @@ class _Builder:
         if fmt_text is None:
             fmt_text = texts[fmt] = _json_str(fmt)
         params_text = self._params_json(params)
-        digest = _hash_encoded(self._model_text, image_text, prompt, seed, fmt_text, params_text)
-        # Positional, in the fields' order: a million keyword calls cost a third more.
-        self.rows.append(
-            Row(
-                explicit_id or self._derived_id(digest),
-                image,
-                prompt,
-                seed,
-                fmt,
-                self.model,
-                params,
-                meta,
-                digest[:32],
-                self.source,
-                image_path,
-                extra,
-                line,
+        digest = _digest(self._model_text, image_text, prompt, seed, fmt_text, params_text)
+        # params and meta by identity: rows share the very objects (defaults, aliases).
+        shared = (image, image_path, fmt, id(params), id(meta), extra)
+        kind = self._kinds.get(shared)
+        if kind is None:
+            kind = self._kinds[shared] = self.rows.add_kind(
+                (image, image_path, fmt, params, meta, extra)
             )
-        )
+        row_id = explicit_id or self._derived_id(digest.hex())
+        self.rows.append(row_id, prompt, seed, digest, line, kind)
 
     def _add_plain(self, raw: _RawRow) -> bool:
         """Add a row of the common shape (scalar image, prompt, seed, format, id) that is
@@ -924,12 +1074,12 @@ class _Builder:
             self.problem(line, f"{name}{where}", reason)
         return params
 
-    def _meta(self, value: Any, line: int | None, name: str) -> dict[str, Any]:
+    def _meta(self, value: Any, line: int | None, name: str) -> Mapping[str, Any]:
         if not isinstance(value, dict):
             self.problem(line, name, "must be a mapping of names to scalars")
-            return {}
+            return _EMPTY
         if not value:
-            return {}
+            return _EMPTY  # shared, as for params: rows without meta share their fields
         problems, meta = self._checked_json(value, scalars_only=True)
         for where, reason in problems:
             self.problem(line, f"{name}{where}", reason)
@@ -966,7 +1116,7 @@ class _Builder:
         self._derived_ids.add(row_id)
         return row_id
 
-    def finish(self) -> tuple[Row, ...]:
+    def finish(self) -> RowTable:
         if self._full:  # nothing built, and nothing worth building
             raise ManifestError(sorted(self.problems, key=lambda p: p.line or 0))
         for plan in self._plans:
@@ -988,7 +1138,8 @@ class _Builder:
         if self.problems:
             # In file order, as a compiler lists them; problems without a line first.
             raise ManifestError(sorted(self.problems, key=lambda p: p.line or 0))
-        return tuple(self.rows)
+        self.rows.source_file = self.source  # "command line" is set after the builder
+        return self.rows
 
 
 _GLOB_MAGIC = re.compile(r"[*?\[]")

@@ -4,7 +4,7 @@ without loading the HTTP stack."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +12,7 @@ from batch.account import Estimate, Prices, estimate
 from batch.errors import ManifestError
 from batch.folder import check_owner
 from batch.ledger import ledger_paths, read_ledgers
-from batch.manifest import Manifest, Row
+from batch.manifest import Manifest, Row, RowTable, ids_and_fingerprints
 from batch.models import known as known_models
 from batch.models import schema_problems
 from batch.outputs import existing_files
@@ -56,11 +56,12 @@ def plan_rows(
     known, hold_all, code = state.rows.get, state.damage_unattributed, _CODE_BY_ID
     done = _CODE[Action.DONE]
     actions = bytearray([done]) * len(rows)
-    for n, row in enumerate(rows):
-        row_state = known(row.id)
-        if row_state is not None and is_done(row_state, row.fingerprint, files):
+    # Ids and fingerprints only: a finished row's Row is never made.
+    for n, (row_id, fingerprint) in enumerate(ids_and_fingerprints(rows)):
+        row_state = known(row_id)
+        if row_state is not None and is_done(row_state, fingerprint, files):
             continue  # the common case of a resume, told without a plan
-        plan = plan_row(row_state, row.fingerprint, files, retry_failed, hold_all)
+        plan = plan_row(row_state, fingerprint, files, retry_failed, hold_all)
         actions[n] = code[id(plan.action)]
     return Planned(actions)
 
@@ -68,7 +69,13 @@ def plan_rows(
 def check_schemas(manifest: Manifest) -> None:
     """Every row's params against its model's schema (cached or bundled), before any
     request: a field the model does not take is a paid task that fails."""
-    problems = schema_problems(manifest.rows, known_models())
+    rows: Iterable[Row] = manifest.rows
+    catalogue = known_models()
+    if isinstance(rows, RowTable):
+        # What is checked is what rows share: one row of each, then every row like the
+        # ones that fail (each problem names its row's line).
+        rows = rows.of_kinds(k for k, r in rows.samples() if schema_problems([r], catalogue))
+    problems = schema_problems(rows, catalogue)
     if problems:
         raise ManifestError(problems)
 

@@ -14,7 +14,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from batch.ledger import (
     read_ledger,
 )
 from batch.limits import SubmitLimiter
-from batch.manifest import Manifest, Row, shard_of
+from batch.manifest import Manifest, Row, RowTable, ids_and_fingerprints, row_ids, shard_of
 from batch.metrics import JsonLog
 from batch.models import known as known_models
 from batch.options import RunOptions
@@ -117,6 +117,14 @@ class _Baseline:
     spend: float
 
 
+def _shard_rows(rows: Sequence[Row], shard: tuple[int, int]) -> Sequence[Row]:
+    """The rows of one shard, picked by id (a table's rows stay columns)."""
+    index, count = shard
+    if isinstance(rows, RowTable):
+        return rows.take(n for n, row_id in enumerate(rows.ids) if shard_of(row_id, count) == index)
+    return tuple(r for r in rows if shard_of(r.id, count) == index)
+
+
 class Runner:
     def __init__(
         self,
@@ -130,11 +138,7 @@ class Runner:
     ) -> None:
         self.manifest = manifest
         shard = options.shard
-        self.rows = (
-            manifest.rows
-            if shard is None
-            else tuple(r for r in manifest.rows if shard_of(r.id, shard[1]) == shard[0])
-        )
+        self.rows = manifest.rows if shard is None else _shard_rows(manifest.rows, shard)
         self.client = client
         self.metrics = client.metrics
         self.options = options
@@ -323,7 +327,11 @@ class Runner:
         """Settle what earlier runs left in doubt, plan every row, price what is to submit."""
         if self.state.doubts:
             doubted = {d.row for d in self.state.doubts.values()}
-            fingerprints = {row.id: row.fingerprint for row in self.rows if row.id in doubted}
+            fingerprints = {
+                row_id: fingerprint
+                for row_id, fingerprint in ids_and_fingerprints(self.rows)
+                if row_id in doubted
+            }
             adoptable = {
                 d.row: d.fingerprint is not None and fingerprints.get(d.row) == d.fingerprint
                 for d in self.state.doubts.values()
@@ -449,7 +457,7 @@ class Runner:
 
     def summary(self) -> Summary:
         """The run's outcome, read from the ledger state like every other view."""
-        counts = self.state.counts(r.id for r in self.rows)
+        counts = self.state.counts(row_ids(self.rows))
         completed = counts[RowStatus.COMPLETED]
         failed = counts[RowStatus.FAILED]
         in_flight = counts[RowStatus.IN_FLIGHT] + counts[RowStatus.IN_DOUBT]
