@@ -15,7 +15,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -344,10 +344,12 @@ def ledger_name(shard: tuple[int, int] | None) -> str:
     return LEDGER_NAME if shard is None else f"ledger.shard-{shard[0]}-of-{shard[1]}.jsonl"
 
 
-def ledger_paths(out_dir: Path) -> list[Path]:
-    """Every ledger of an output folder: the main one first, then shard ledgers."""
+def ledger_paths(out_dir: Path, names: Iterable[str] | None = None) -> list[Path]:
+    """Every ledger of an output folder: the main one first, then shard ledgers. ``names``
+    are the folder's entries (those starting with ``ledger.`` will do), when the caller
+    has listed it already."""
     paths = [out_dir / LEDGER_NAME] if (out_dir / LEDGER_NAME).exists() else []
-    return paths + [p for p in matching(out_dir, SHARD_LEDGER_GLOB) if p.is_file()]
+    return paths + [p for p in matching(out_dir, SHARD_LEDGER_GLOB, names) if p.is_file()]
 
 
 def read_ledgers(paths: list[Path], *, keep_last: bool = True) -> LedgerState:

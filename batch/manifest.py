@@ -60,6 +60,7 @@ SETTING_FIELDS = ("concurrency", "rate", "timeout", "retries", "budget", "price"
 TOP_FIELDS = ("model", "models", "defaults", "rows", *SETTING_FIELDS)
 CSV_COLUMNS = ("id", "image", "prompt", "seed", "output_format", "repeat")
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+_NO_LINES: Mapping[str, int] = MappingProxyType({})
 RESERVED_PARAMS = ("prompt", "image", "seed", "output_format")
 
 # Limits no real manifest reaches; past them a file is refused at once, before it can
@@ -122,7 +123,7 @@ class RowTable(Sequence[Row]):
     """A manifest's rows, kept as columns; each ``Row`` is made when it is asked for.
 
     A million rows are a few lists and arrays (about a hundred bytes a row), not a
-    million objects: a resume plans from ``ids`` and ``fingerprint_at`` and never makes
+    million objects: a resume plans from ``ids`` and ``fingerprints`` and never makes
     the ``Row`` of a finished row, and a run makes each of its rows as a worker takes it.
     """
 
@@ -164,15 +165,11 @@ class RowTable(Sequence[Row]):
         self._fps += digest[:16]
         self._kind_of.append(kind)
 
-    def fingerprint_at(self, n: int) -> str:
-        """Row ``n``'s fingerprint, without making the row."""
-        return self._fps[16 * n : 16 * n + 16].hex()
-
-    def id_fingerprints(self) -> Iterator[tuple[str, str]]:
-        """(id, fingerprint) of each row, in order: all that planning needs of a row."""
-        fps = self._fps
-        for n, row_id in enumerate(self.ids):
-            yield row_id, fps[16 * n : 16 * n + 16].hex()
+    def fingerprints(self) -> Iterator[str]:
+        """Each row's fingerprint, in order, made one at a time (in C)."""
+        fps, size = self._fps, len(self._fps)
+        cuts = map(slice, range(0, size, 16), range(16, size + 16, 16))
+        return map(bytearray.hex, map(fps.__getitem__, cuts))
 
     def samples(self) -> list[tuple[int, Row]]:
         """(kind, row): one row of each set of shared fields (image, format, params, meta,
@@ -256,7 +253,7 @@ class RowTable(Sequence[Row]):
 def ids_and_fingerprints(rows: Sequence[Row]) -> Iterator[tuple[str, str]]:
     """(id, fingerprint) of each row, without making the rows of a ``RowTable``."""
     if isinstance(rows, RowTable):
-        return rows.id_fingerprints()
+        return zip(rows.ids, rows.fingerprints(), strict=True)
     return ((row.id, row.fingerprint) for row in rows)
 
 
@@ -430,16 +427,20 @@ def _request_hash(model: str, image: str, prompt: str, seed: int, fmt: str, para
 def _hash_encoded(
     model_text: str, image_text: str, prompt: str, seed: int, fmt_text: str, params: str
 ) -> str:
-    """``_request_hash`` with the model, image and format already JSON strings: rows share
-    them, and the builder encodes each once."""
-    return _digest(model_text, image_text, prompt, seed, fmt_text, params).hex()
+    """``_request_hash`` with the model, image and format already JSON strings."""
+    head, tail = _around(model_text, image_text, fmt_text)
+    return _digest(head, prompt, seed, tail + params + "]").hex()
 
 
-def _digest(
-    model_text: str, image_text: str, prompt: str, seed: int, fmt_text: str, params: str
-) -> bytes:
-    canonical = f"[{model_text},{image_text},{_json_str(prompt)},{int(seed)},{fmt_text},{params}]"
-    return hashlib.sha256(canonical.encode()).digest()
+def _around(model_text: str, image_text: str, fmt_text: str) -> tuple[str, str]:
+    """The canonical text before the prompt, and after the seed up to the params: what
+    rows of one image, format and params share (the builder makes these once)."""
+    return f"[{model_text},{image_text},", f",{fmt_text},"
+
+
+def _digest(head: str, prompt: str, seed: int, tail: str) -> bytes:
+    """sha256 of ``head``, the prompt as JSON, the seed, ``tail`` (see ``_around``)."""
+    return hashlib.sha256(f"{head}{_json_str(prompt)},{int(seed)}{tail}".encode()).digest()
 
 
 class _ShortRepr(reprlib.Repr):
@@ -543,7 +544,8 @@ class _RawRow:
 
     fields: dict[str, Any]
     line: int | None
-    key_lines: dict[str, int] = field(default_factory=dict)
+    # Shared: CSV and JSON Lines rows have none, and a million rows need no million dicts.
+    key_lines: Mapping[str, int] = field(default_factory=lambda: _NO_LINES)
 
     def line_of(self, key: str) -> int | None:
         return self.key_lines.get(key, self.line)
@@ -562,7 +564,8 @@ class _Builder:
         self._reported: set[Problem] = set()
         self._seen = 0  # problems found, counting repeats that are reported once
         self.rows = RowTable(model, self.source)
-        self._kinds: dict[tuple[Any, ...], int] = {}  # the table's shared fields, found
+        self._kinds: dict[tuple[Any, ...], tuple[int, str, str]] = {}  # see _append
+        self._texts: dict[tuple[Any, ...], tuple[str, str]] = {}
         self._explicit_ids: dict[str, int | None] = {}
         self._derived_ids: set[str] = set()
         self._derived_seen: dict[str, int] = {}
@@ -576,7 +579,6 @@ class _Builder:
         self._plans: list[tuple[Any, ...]] = []  # rows from the first that expands on
         self._params_texts: dict[int, tuple[Any, str]] = {}
         self._prompts: dict[str, str] = {}
-        self._json_texts: dict[str, str] = {}
         self._model_text = _json_str(model)
 
     def problem(self, line: int | None, name: str, reason: str) -> None:
@@ -916,24 +918,22 @@ class _Builder:
         # Rows that say the same prompt share one string of it: a million rows of a few
         # edits keep a few prompts, not a million copies.
         prompt = self._prompts.setdefault(prompt, prompt)
-        # One input keeps the hash (and so the derived id) it always had.
-        key = image if not extra else json.dumps([image, *(ref for ref, _ in extra)])
-        texts = self._json_texts  # the model's, a format's, an image's: each encoded once
-        image_text = texts.get(key)
-        if image_text is None:
-            image_text = texts[key] = _json_str(key)
-        fmt_text = texts.get(fmt)
-        if fmt_text is None:
-            fmt_text = texts[fmt] = _json_str(fmt)
-        params_text = self._params_json(params)
-        digest = _digest(self._model_text, image_text, prompt, seed, fmt_text, params_text)
-        # params and meta by identity: rows share the very objects (defaults, aliases).
+        # What rows share (params and meta by identity: rows share the very objects,
+        # from defaults and aliases), found once: its place in the table, and the parts
+        # of the request's canonical text around the prompt and seed.
         shared = (image, image_path, fmt, id(params), id(meta), extra)
-        kind = self._kinds.get(shared)
-        if kind is None:
-            kind = self._kinds[shared] = self.rows.add_kind(
-                (image, image_path, fmt, params, meta, extra)
-            )
+        found = self._kinds.get(shared)
+        if found is None:
+            texts = self._texts.get(shared[:4])  # rows that differ in meta share these
+            if texts is None:
+                # One input keeps the hash (and so the derived id) it always had.
+                key = image if not extra else json.dumps([image, *(ref for ref, _ in extra)])
+                head, tail = _around(self._model_text, _json_str(key), _json_str(fmt))
+                texts = self._texts[shared[:4]] = (head, tail + self._params_json(params) + "]")
+            kind = self.rows.add_kind((image, image_path, fmt, params, meta, extra))
+            found = self._kinds[shared] = (kind, *texts)
+        kind, head, tail = found
+        digest = _digest(head, prompt, seed, tail)
         row_id = explicit_id or self._derived_id(digest.hex())
         self.rows.append(row_id, prompt, seed, digest, line, kind)
 
@@ -947,7 +947,9 @@ class _Builder:
         image, prompt = fields.get("image"), fields.get("prompt")
         if type(image) is not str or type(prompt) is not str:
             return False
-        if not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS or _SURROGATE.search(prompt):
+        if prompt not in self._prompts and (  # a prompt a row already had passed these
+            not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS or _SURROGATE.search(prompt)
+        ):
             return False
         if self._planned >= MAX_ROWS:
             return False

@@ -24,7 +24,7 @@ from batch.account import Estimate, Prices, estimate, live_prices
 from batch.client import Client
 from batch.errors import AuthError
 from batch.events import Failed, Finished, RunStarted
-from batch.files import remove_temp_files
+from batch.files import TEMP_PREFIX, list_folder, remove_temp_files
 from batch.folder import check_owner, manifest_file
 from batch.job import Job, Resources, request_fields
 from batch.ledger import (
@@ -160,6 +160,7 @@ class Runner:
         self.prices = Prices(options.price)
         self.held = 0  # rows a damaged ledger line keeps from being submitted
         self._files: set[str] = set()  # OUT_DIR's files when the rows were planned
+        self._listed = False  # _files holds a listing taken as the run prepared
 
     # -- planning ------------------------------------------------------------
 
@@ -196,7 +197,8 @@ class Runner:
         )
 
     def _plan_all(self) -> Planned:
-        self._files = existing_files(self.out_dir)
+        if not self._listed:
+            self._files = existing_files(self.out_dir)
         return plan_rows(self.rows, self.state, self._files, self.options.retry_failed)
 
     def _work(self, planned: Planned) -> Iterator[tuple[Row, Plan]]:
@@ -215,9 +217,13 @@ class Runner:
 
     def _prepare(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        ledgers = ledger_paths(self.out_dir)
+        # One listing for the ledgers, the temporary files and the outputs on disk: each
+        # takes most of a second beside a million outputs.
+        self._files, names = list_folder(self.out_dir, ("ledger.", TEMP_PREFIX))
+        self._listed = True
+        ledgers = ledger_paths(self.out_dir, names)
         check_owner(self.out_dir, self.manifest, ledgers)
-        remove_temp_files(self.out_dir)
+        remove_temp_files(self.out_dir, names)
         self.load_state(ledgers)
 
     # -- the run -------------------------------------------------------------

