@@ -20,6 +20,7 @@ import stat
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, overload
@@ -186,20 +187,18 @@ class RowTable(Sequence[Row]):
         return (self._row(n) for n, kind in enumerate(self._kind_of) if kind in wanted)
 
     def take(self, indices: Iterable[int]) -> RowTable:
-        """The rows at ``indices``, as a table of their own (a shard's rows)."""
+        """The rows at ``indices``, as a table of their own (a shard's, those to submit),
+        copied column by column in C."""
+        picked = array("I", indices)
         part = RowTable(self.model, self.source_file)
-        kinds: dict[int, int] = {}
-        for n in indices:
-            part.ids.append(self.ids[n])
-            part.prompts.append(self.prompts[n])
-            part._seeds.append(self._seeds[n])
-            part._lines.append(self._lines[n])
-            part._fps += self._fps[16 * n : 16 * n + 16]
-            k = self._kind_of[n]
-            if k not in kinds:
-                kinds[k] = len(part._kinds)
-                part._kinds.append(self._kinds[k])
-            part._kind_of.append(kinds[k])
+        part.ids = list(map(self.ids.__getitem__, picked))
+        part.prompts = list(map(self.prompts.__getitem__, picked))
+        part._seeds = array("i", map(self._seeds.__getitem__, picked))
+        part._lines = array("i", map(self._lines.__getitem__, picked))
+        part._kind_of = array("I", map(self._kind_of.__getitem__, picked))
+        part._kinds = self._kinds  # shared, and never changed once the manifest is read
+        cuts = map(slice, map((16).__mul__, picked), map((16).__mul__, map((1).__add__, picked)))
+        part._fps = bytearray(b"".join(map(self._fps.__getitem__, cuts)))
         return part
 
     def _row(self, n: int) -> Row:
@@ -255,6 +254,13 @@ def ids_and_fingerprints(rows: Sequence[Row]) -> Iterator[tuple[str, str]]:
     if isinstance(rows, RowTable):
         return zip(rows.ids, rows.fingerprints(), strict=True)
     return ((row.id, row.fingerprint) for row in rows)
+
+
+def models_of(rows: Iterable[Row]) -> Iterable[str]:
+    """Each row's model, without making the rows of a ``RowTable`` (one model for all)."""
+    if isinstance(rows, RowTable):
+        return repeat(rows.model, len(rows))
+    return (row.model for row in rows)
 
 
 def row_ids(rows: Sequence[Row]) -> Iterable[str]:

@@ -12,7 +12,7 @@ from batch.account import Estimate, Prices, estimate
 from batch.errors import ManifestError
 from batch.folder import check_owner
 from batch.ledger import ledger_paths, read_ledgers
-from batch.manifest import Manifest, Row, RowTable, ids_and_fingerprints
+from batch.manifest import Manifest, Row, RowTable, ids_and_fingerprints, models_of
 from batch.models import known as known_models
 from batch.models import schema_problems
 from batch.outputs import existing_files
@@ -82,14 +82,22 @@ def check_schemas(manifest: Manifest) -> None:
 
 def plan_manifest(
     manifest: Manifest, out_dir: Path, retry_failed: bool
-) -> tuple[dict[str, int], float, list[Row]]:
+) -> tuple[dict[str, int], float, Sequence[Row]]:
     check_schemas(manifest)
     check_owner(out_dir, manifest)
     state = read_ledgers(ledger_paths(out_dir), keep_last=False)
     rows = manifest.rows
     planned = plan_rows(rows, state, existing_files(out_dir), retry_failed)
-    to_submit = [rows[n] for n in planned.indices(Action.SUBMIT)]
+    to_submit = _picked(rows, planned.indices(Action.SUBMIT))
     return planned.counts, state.spend, to_submit
+
+
+def _picked(rows: Sequence[Row], indices: Iterable[int]) -> Sequence[Row]:
+    """The rows at ``indices``; a table's stay columns (a million rows to submit are
+    counted and priced without making them)."""
+    if isinstance(rows, RowTable):
+        return rows.take(indices)
+    return [rows[n] for n in indices]
 
 
 def estimate_offline(
@@ -103,9 +111,9 @@ def estimate_offline(
     if not given:
         catalogue = known_models()
         base = {
-            row.model: info.base_price
-            for row in {r.model: r for r in to_submit}.values()
-            if (info := catalogue.get(row.model)) is not None and info.base_price is not None
+            model: info.base_price
+            for model in set(models_of(to_submit))
+            if (info := catalogue.get(model)) is not None and info.base_price is not None
         }
         prices = Prices(price, base, source="catalogue")
     return estimate(counts, spent, to_submit, prices, None)

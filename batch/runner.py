@@ -14,7 +14,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -352,7 +352,9 @@ class Runner:
         self.held += counts[Action.HELD.value]
         rows = self.rows
 
-        def to_submit() -> Iterator[Row]:
+        def to_submit() -> Iterable[Row]:
+            if isinstance(rows, RowTable):  # counted and priced without making the rows
+                return rows.take(planned.indices(Action.SUBMIT))
             return (rows[n] for n in planned.indices(Action.SUBMIT))
 
         prices, balance = Prices(self.options.price), None
