@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from batch.manifest import Row
+from batch.manifest import Row, RowTable, models_of
 
 if TYPE_CHECKING:
     from batch.client import Client
@@ -70,6 +70,8 @@ def price_inputs(row: Row) -> dict[str, Any]:
 async def live_prices(client: Client, rows: Iterable[Row], fallback: float) -> Prices:
     """The live price of each model among ``rows``, asked with its first row's fields."""
     first: dict[str, Row] = {}
+    if isinstance(rows, RowTable):
+        rows = rows[:1]  # one model for every row of a table
     for row in rows:
         if row.model not in first:
             first[row.model] = row
@@ -87,7 +89,7 @@ def estimate(
     prices: Prices,
     balance: float | None,
 ) -> Estimate:
-    cost = sum(prices.of(row.model) for row in to_submit)
+    cost = sum(map(prices.of, models_of(to_submit)))
     return Estimate(counts, spent, cost, prices, balance)
 
 

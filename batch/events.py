@@ -26,6 +26,7 @@ A submit's life in the ledger::
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -561,3 +562,50 @@ def decode(d: Mapping[str, Any]) -> Event | None:
     if event is None:
         raise DamagedLine(f"{d.get('event')} that says nothing usable")
     return event
+
+
+def completed_facts(
+    d: Mapping[str, Any],
+) -> tuple[str, str, tuple[str, ...], int | None, str | None]:
+    """(row, prediction_id, outputs, seed, fingerprint) of a ``completed`` line that passed
+    ``check_shape``, without building a ``Completed``: most lines of a finished run's
+    ledger are these, and a resume needs only these facts of them."""
+    get = d.get
+    pid = get("prediction_id") or ""
+    return d["row"], pid, tuple(d["outputs"]), get("seed"), get("fingerprint")
+
+
+# A ``completed`` line exactly as wsbatch writes it, its fields in ``encode``'s order and
+# each of a kind ``check_shape`` accepts: read without parsing it as JSON. A line laid out
+# any other way (another order, spaces, escapes in a captured value, meta, a field added
+# by a newer writer) is not matched and is read in full, damage checks and all.
+_BARE = r'"([^"\\\x00-\x1f]*)"'  # a string with nothing escaped in it: its text as is
+_JSON_STR = r'"(?:[^"\\\x00-\x1f]|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*"'
+_TEXT = f"(?:{_JSON_STR}|null)"
+_NAME = r'"[A-Za-z0-9._-]*"'  # an output's name (a row id and an extension)
+_TRUTH = "(?:true|false)"
+COMPLETED_LINE = re.compile(
+    r'\{"ts":'
+    + _BARE
+    + r',"event":"completed","row":'
+    + _BARE
+    + r',"prediction_id":'
+    + _BARE
+    + rf',"outputs":\[((?:{_NAME}(?:,{_NAME})*)?)\]'
+    + rf',"sha256":\[(?:{_JSON_STR}(?:,{_JSON_STR})*)?\]'
+    + rf',"nsfw":(?:\[(?:{_TRUTH}(?:,{_TRUTH})*)?\]|null)'
+    + r',"inference_ms":(?:(?:0|[1-9][0-9]{0,15})(?:\.[0-9]{1,17})?|null)'
+    + r',"seed":(?:(-?(?:0|[1-9][0-9]{0,17}))|null)'
+    + rf',"fingerprint":(?:{_BARE}|null)'
+    + rf'(?:,"model":{_TEXT})?(?:,"prompt":{_TEXT})?(?:,"image":{_TEXT})?'
+    + rf'(?:,"image_path":{_TEXT})?\}}'
+)
+
+
+def completed_line_facts(
+    match: re.Match[str],
+) -> tuple[str, tuple[str, str, tuple[str, ...], int | None, str | None]]:
+    """(ts, facts as ``completed_facts`` gives them) of a line ``COMPLETED_LINE`` matched."""
+    ts, row, pid, names, seed, fingerprint = match.groups()
+    outputs = tuple(names[1:-1].split('","')) if names else ()
+    return ts, (row, pid, outputs, int(seed) if seed is not None else None, fingerprint)

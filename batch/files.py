@@ -9,7 +9,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -66,22 +66,44 @@ def _owner_alive(name: str) -> bool:
     return True
 
 
-def remove_temp_files(folder: Path) -> int:
-    """Delete temporary files that dead processes left behind; return how many.
+def list_folder(folder: Path, prefixes: tuple[str, ...]) -> tuple[set[str], list[str]]:
+    """One listing of ``folder``: the names of its regular files, and every name (of any
+    kind of entry) that starts with one of ``prefixes``. Beside a million outputs a
+    listing takes most of a second, and a run needs several things of one."""
+    files: set[str] = set()
+    named: list[str] = []
+    try:
+        entries = os.scandir(folder)
+    except FileNotFoundError:
+        return files, named
+    with entries:
+        for entry in entries:
+            name = entry.name
+            if entry.is_file(follow_symlinks=False):
+                files.add(name)
+            if name.startswith(prefixes):
+                named.append(name)
+    return files, named
+
+
+def remove_temp_files(folder: Path, names: Iterable[str] | None = None) -> int:
+    """Delete temporary files that dead processes left behind; return how many. ``names``
+    are the folder's, when the caller has listed it already.
 
     A live process's files are left alone: a shard starting beside another must not
     pull a file out from under its write.
     """
     removed = 0
     try:
-        entries = list(os.scandir(folder))
+        # Names only: beside a million outputs, a million DirEntry objects cost more.
+        listed = os.listdir(folder) if names is None else names
+        found = [n for n in listed if n.startswith(TEMP_PREFIX)]
     except FileNotFoundError:
         return 0
-    for entry in entries:
-        name = entry.name
-        if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX) and not _owner_alive(name):
+    for name in found:
+        if name.endswith(TEMP_SUFFIX) and not _owner_alive(name):
             try:
-                os.unlink(entry.path)
+                os.unlink(os.path.join(folder, name))
                 removed += 1
             except FileNotFoundError:
                 pass
@@ -119,14 +141,16 @@ async def read_bytes(path: Path) -> bytes:
     return await future
 
 
-def matching(folder: Path, pattern: str) -> list[Path]:
+def matching(folder: Path, pattern: str, names: Iterable[str] | None = None) -> list[Path]:
     """The entries of ``folder`` whose names match ``pattern`` (``*`` and ``?`` within a
-    name), sorted. One listing, and fnmatch only past the pattern's literal prefix:
-    beside a million outputs, ``Path.glob`` took most of a second for each call."""
+    name), sorted. One listing (none when the caller has the ``names``), and fnmatch only
+    past the pattern's literal prefix: beside a million outputs, ``Path.glob`` took most
+    of a second for each call."""
     prefix = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
-    try:
-        names = os.listdir(folder)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+    if names is None:
+        try:
+            names = os.listdir(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
     found = [n for n in names if n.startswith(prefix) and fnmatch.fnmatchcase(n, pattern)]
     return [folder / name for name in sorted(found)]

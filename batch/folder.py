@@ -15,14 +15,16 @@ def manifest_file(manifest: Manifest) -> str | None:
     return str(path.resolve()) if path.is_file() else None
 
 
-def check_owner(out_dir: Path, manifest: Manifest) -> None:
+def check_owner(out_dir: Path, manifest: Manifest, ledgers: list[Path] | None = None) -> None:
     """A folder holds one manifest's rows: another manifest's run there would overwrite
     its outputs (same row ids) and pay for rows that are done. Refused before anything
-    is sent; a manifest that moved (its old path gone) keeps its folder."""
+    is sent; a manifest that moved (its old path gone) keeps its folder. ``ledgers`` are
+    the folder's, when the caller has listed them already (a listing of a million
+    outputs takes most of a second)."""
     mine = manifest_file(manifest)
     if mine is None:
         return
-    for path in ledger_paths(out_dir):
+    for path in ledger_paths(out_dir) if ledgers is None else ledgers:
         owner = first_manifest(path)
         if owner is not None and owner != mine and Path(owner).exists():
             raise UsageError(

@@ -13,17 +13,25 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from batch.bulk import gc_paused
-from batch.events import DamagedLine, Event, decode
+from batch.events import (
+    COMPLETED_LINE,
+    DamagedLine,
+    Event,
+    check_shape,
+    completed_facts,
+    completed_line_facts,
+    decode,
+)
 from batch.events import encode as encode_event
 from batch.files import matching
-from batch.state import LedgerState, apply, merge_states
+from batch.state import NO_RECORD, LedgerState, apply, apply_completed, merge_states
 
 LEDGER_NAME = "ledger.jsonl"
 SHARD_LEDGER_GLOB = "ledger.shard-*.jsonl"
@@ -50,6 +58,12 @@ def _row_in(line: bytes) -> str | None:
 
 def _apply_record(state: LedgerState, record: dict[str, Any], keep_last: bool, line: int) -> None:
     try:
+        if record.get("event") == "completed":  # most lines of a finished run's ledger
+            check_shape(record)
+            ts = record.get("ts")
+            stamp = ts if isinstance(ts, str) else None
+            apply_completed(state, completed_facts(record), stamp, record, keep_last)
+            return
         event = decode(record)
     except DamagedLine as exc:
         row = record.get("row")
@@ -157,6 +171,46 @@ def _blocks(fh: BinaryIO, stop: int) -> Iterator[bytes]:
         carry = data[cut:]
 
 
+def _text(data: bytes) -> str | None:
+    """A block of whole lines as text, or None when it is not valid UTF-8 (its lines are
+    then read as bytes, and what does not parse is damage, as always)."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _read_facts(state: LedgerState, text: str, line_no: int) -> int:
+    """Apply a block of whole lines when only row facts are wanted (no record is kept):
+    a ``completed`` line as wsbatch writes it is read by ``COMPLETED_LINE`` without
+    parsing it as JSON, any other line as a JSON object, damage checks and all. Returns
+    the number of the block's last line."""
+    match = COMPLETED_LINE.fullmatch
+    lines = text.split("\n")
+    lines.pop()  # after the block's last newline
+    stamp = None
+    for line in lines:
+        line_no += 1
+        found = match(line)
+        if found is None:
+            raw = line.encode()
+            if not raw.strip():
+                continue
+            parsed = _parse(raw)
+            if parsed is None:
+                state.damaged(line_no, _row_in(raw), "not a JSON object")
+            else:
+                _apply_record(state, parsed, False, line_no)
+            continue
+        ts, facts = completed_line_facts(found)
+        if ts == stamp:  # lines written together share one stamp: one string for them
+            ts = stamp
+        else:
+            stamp = ts
+        apply_completed(state, facts, ts, NO_RECORD, False)
+    return line_no
+
+
 def read_ledger(path: Path, *, keep_last: bool = True) -> tuple[LedgerState, int]:
     """Read a ledger once; return its state and the offset where whole lines end.
 
@@ -172,15 +226,27 @@ def read_ledger(path: Path, *, keep_last: bool = True) -> tuple[LedgerState, int
     except FileNotFoundError:
         return state, 0
     line_no = 0
+    stamp: Any = None
     with fh, gc_paused():
         # Bytes after the last newline are a write cut short; so are whole lines of NUL
         # bytes at the end (some filesystems show a crash's unwritten blocks as zeros).
         good_end, torn = _tail(fh, os.fstat(fh.fileno()).st_size)
         for data in _blocks(fh, good_end):
+            if not keep_last:
+                text = _text(data)
+                if text is not None:
+                    line_no = _read_facts(state, text, line_no)
+                    continue
             for chunk_start, chunk_end, events in _chunks(data):
                 if events is not None:  # the whole chunk parsed at once: the common case
                     for record in events:
                         line_no += 1
+                        # Lines written together share one stamp: one string for them all.
+                        ts = record.get("ts")
+                        if ts == stamp:
+                            record["ts"] = stamp
+                        else:
+                            stamp = ts
                         _apply_record(state, record, keep_last, line_no)
                     continue
                 for _, line in _lines(data, chunk_start, chunk_end):
@@ -273,10 +339,12 @@ def ledger_name(shard: tuple[int, int] | None) -> str:
     return LEDGER_NAME if shard is None else f"ledger.shard-{shard[0]}-of-{shard[1]}.jsonl"
 
 
-def ledger_paths(out_dir: Path) -> list[Path]:
-    """Every ledger of an output folder: the main one first, then shard ledgers."""
+def ledger_paths(out_dir: Path, names: Iterable[str] | None = None) -> list[Path]:
+    """Every ledger of an output folder: the main one first, then shard ledgers. ``names``
+    are the folder's entries (those starting with ``ledger.`` will do), when the caller
+    has listed it already."""
     paths = [out_dir / LEDGER_NAME] if (out_dir / LEDGER_NAME).exists() else []
-    return paths + [p for p in matching(out_dir, SHARD_LEDGER_GLOB) if p.is_file()]
+    return paths + [p for p in matching(out_dir, SHARD_LEDGER_GLOB, names) if p.is_file()]
 
 
 def read_ledgers(paths: list[Path], *, keep_last: bool = True) -> LedgerState:

@@ -17,6 +17,7 @@ import fcntl
 import os
 import secrets
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
@@ -218,11 +219,14 @@ def _shard_order(info: tuple[str, str]) -> tuple[int, str]:
     return (int(index) if index.isdigit() else -1, info[0])
 
 
-def holders(out_dir: Path) -> list[str]:
+def holders(out_dir: Path, names: Iterable[str] | None = None) -> list[str]:
     """Pids of the live runs using ``out_dir``: a whole run, or every running shard.
+    ``names`` are the folder's, when the caller has listed it already.
 
     It takes no lock a run would take (see the module), so it never makes a run wait."""
     found = [
-        info for path in matching(out_dir, HOLDER_GLOB) if (info := _holder_info(path)) is not None
+        info
+        for path in matching(out_dir, HOLDER_GLOB, names)
+        if (info := _holder_info(path)) is not None
     ]
     return [pid for pid, _ in sorted(found, key=_shard_order)]

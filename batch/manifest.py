@@ -17,11 +17,13 @@ import os
 import re
 import reprlib
 import stat
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, overload
 
 import yaml
 
@@ -59,6 +61,7 @@ SETTING_FIELDS = ("concurrency", "rate", "timeout", "retries", "budget", "price"
 TOP_FIELDS = ("model", "models", "defaults", "rows", *SETTING_FIELDS)
 CSV_COLUMNS = ("id", "image", "prompt", "seed", "output_format", "repeat")
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+_NO_LINES: Mapping[str, int] = MappingProxyType({})
 RESERVED_PARAMS = ("prompt", "image", "seed", "output_format")
 
 # Limits no real manifest reaches; past them a file is refused at once, before it can
@@ -89,11 +92,19 @@ class Row:
     params: Mapping[str, Any]
     meta: Mapping[str, Any]
     fingerprint: str
-    source: str
+    # The manifest file (one string that every row shares) and the row's line in it:
+    # ``source`` says "file:line" when asked, and a million rows carry no million copies.
+    source_file: str
     image_path: Path | None = None
     # Further input images of one task (``image: [a.png, b.png]``), for models that take
     # a list; ``image``/``image_path`` are the first.
     extra_images: tuple[tuple[str, Path | None], ...] = ()
+    line: int | None = None
+
+    @property
+    def source(self) -> str:
+        """Where the row was written: "file:line", or the file alone."""
+        return f"{self.source_file}:{self.line}" if self.line else self.source_file
 
     @property
     def is_url(self) -> bool:
@@ -105,11 +116,163 @@ class Row:
         return ((self.image, self.image_path), *self.extra_images)
 
 
+# What rows share: (image, image_path, output_format, params, meta, extra_images).
+_Kind = tuple[str, Path | None, str, Mapping[str, Any], Mapping[str, Any], tuple[Any, ...]]
+
+
+class RowTable(Sequence[Row]):
+    """A manifest's rows, kept as columns; each ``Row`` is made when it is asked for.
+
+    A million rows are a few lists and arrays (about a hundred bytes a row), not a
+    million objects: a resume plans from ``ids`` and ``fingerprints`` and never makes
+    the ``Row`` of a finished row, and a run makes each of its rows as a worker takes it.
+    """
+
+    __slots__ = (
+        "_fps",
+        "_kind_of",
+        "_kinds",
+        "_lines",
+        "_seeds",
+        "ids",
+        "model",
+        "prompts",
+        "source_file",
+    )
+
+    def __init__(self, model: str, source_file: str) -> None:
+        self.model = model
+        self.source_file = source_file
+        self.ids: list[str] = []
+        self.prompts: list[str] = []
+        self._seeds = array("i")  # SEED_MIN..SEED_MAX
+        self._lines = array("i")  # 0: no line (rows from the command line)
+        self._fps = bytearray()  # 16 bytes a row: the fingerprint's 32 hex digits
+        self._kinds: list[_Kind] = []
+        self._kind_of = array("I")
+
+    def add_kind(self, kind: _Kind) -> int:
+        """Keep what a run of rows shares; the number rows then refer to it by."""
+        self._kinds.append(kind)
+        return len(self._kinds) - 1
+
+    def append(
+        self, row_id: str, prompt: str, seed: int, digest: bytes, line: int | None, kind: int
+    ) -> None:
+        self.ids.append(row_id)
+        self.prompts.append(prompt)
+        self._seeds.append(seed)
+        self._lines.append(line or 0)
+        self._fps += digest[:16]
+        self._kind_of.append(kind)
+
+    def fingerprints(self) -> Iterator[str]:
+        """Each row's fingerprint, in order, made one at a time (in C)."""
+        fps, size = self._fps, len(self._fps)
+        cuts = map(slice, range(0, size, 16), range(16, size + 16, 16))
+        return map(bytearray.hex, map(fps.__getitem__, cuts))
+
+    def samples(self) -> list[tuple[int, Row]]:
+        """(kind, row): one row of each set of shared fields (image, format, params, meta,
+        inputs), the first that has it. A check that looks at nothing else of a row looks
+        at these alone."""
+        first: dict[int, int] = {}
+        for n, kind in enumerate(self._kind_of):
+            first.setdefault(kind, n)
+        return [(kind, self._row(n)) for kind, n in first.items()]
+
+    def of_kinds(self, kinds: Iterable[int]) -> Iterator[Row]:
+        """Every row, in order, of one of ``kinds`` (as ``samples`` numbers them)."""
+        wanted = set(kinds)
+        return (self._row(n) for n, kind in enumerate(self._kind_of) if kind in wanted)
+
+    def take(self, indices: Iterable[int]) -> RowTable:
+        """The rows at ``indices``, as a table of their own (a shard's, those to submit),
+        copied column by column in C."""
+        picked = array("I", indices)
+        part = RowTable(self.model, self.source_file)
+        part.ids = list(map(self.ids.__getitem__, picked))
+        part.prompts = list(map(self.prompts.__getitem__, picked))
+        part._seeds = array("i", map(self._seeds.__getitem__, picked))
+        part._lines = array("i", map(self._lines.__getitem__, picked))
+        part._kind_of = array("I", map(self._kind_of.__getitem__, picked))
+        part._kinds = self._kinds  # shared, and never changed once the manifest is read
+        cuts = map(slice, map((16).__mul__, picked), map((16).__mul__, map((1).__add__, picked)))
+        part._fps = bytearray(b"".join(map(self._fps.__getitem__, cuts)))
+        return part
+
+    def _row(self, n: int) -> Row:
+        image, image_path, fmt, params, meta, extra = self._kinds[self._kind_of[n]]
+        return Row(
+            self.ids[n],
+            image,
+            self.prompts[n],
+            self._seeds[n],
+            fmt,
+            self.model,
+            params,
+            meta,
+            self._fps[16 * n : 16 * n + 16].hex(),
+            self.source_file,
+            image_path,
+            extra,
+            self._lines[n] or None,
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, index: int) -> Row: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Row, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> Row | tuple[Row, ...]:
+        if isinstance(index, slice):
+            return tuple(map(self._row, range(len(self.ids))[index]))
+        if index < 0:
+            index += len(self.ids)
+        if not 0 <= index < len(self.ids):
+            raise IndexError("row index out of range")
+        return self._row(index)
+
+    def __iter__(self) -> Iterator[Row]:
+        return map(self._row, range(len(self.ids)))
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to any sequence of the same rows, as the tuple it stands for would be."""
+        if not isinstance(other, RowTable | tuple | list):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # equal to lists, as a tuple is not
+
+
+def ids_and_fingerprints(rows: Sequence[Row]) -> Iterator[tuple[str, str]]:
+    """(id, fingerprint) of each row, without making the rows of a ``RowTable``."""
+    if isinstance(rows, RowTable):
+        return zip(rows.ids, rows.fingerprints(), strict=True)
+    return ((row.id, row.fingerprint) for row in rows)
+
+
+def models_of(rows: Iterable[Row]) -> Iterable[str]:
+    """Each row's model, without making the rows of a ``RowTable`` (one model for all)."""
+    if isinstance(rows, RowTable):
+        return repeat(rows.model, len(rows))
+    return (row.model for row in rows)
+
+
+def row_ids(rows: Sequence[Row]) -> Iterable[str]:
+    """Each row's id, without making the rows of a ``RowTable``."""
+    return rows.ids if isinstance(rows, RowTable) else (row.id for row in rows)
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     path: Path
     model: str
-    rows: tuple[Row, ...]
+    rows: Sequence[Row]
     settings: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -264,11 +427,26 @@ def _request_hash(model: str, image: str, prompt: str, seed: int, fmt: str, para
     """sha256 of ``[model, image, prompt, seed, fmt, params]`` as compact, key-sorted JSON
     (``params`` already so encoded): the text ``json.dumps`` makes of that list, built
     here from its parts because a million rows each paid for a whole dumps call."""
-    canonical = (
-        f"[{_json_str(model)},{_json_str(image)},{_json_str(prompt)},{int(seed)},"
-        f"{_json_str(fmt)},{params}]"
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return _hash_encoded(_json_str(model), _json_str(image), prompt, seed, _json_str(fmt), params)
+
+
+def _hash_encoded(
+    model_text: str, image_text: str, prompt: str, seed: int, fmt_text: str, params: str
+) -> str:
+    """``_request_hash`` with the model, image and format already JSON strings."""
+    head, tail = _around(model_text, image_text, fmt_text)
+    return _digest(head, prompt, seed, tail + params + "]").hex()
+
+
+def _around(model_text: str, image_text: str, fmt_text: str) -> tuple[str, str]:
+    """The canonical text before the prompt, and after the seed up to the params: what
+    rows of one image, format and params share (the builder makes these once)."""
+    return f"[{model_text},{image_text},", f",{fmt_text},"
+
+
+def _digest(head: str, prompt: str, seed: int, tail: str) -> bytes:
+    """sha256 of ``head``, the prompt as JSON, the seed, ``tail`` (see ``_around``)."""
+    return hashlib.sha256(f"{head}{_json_str(prompt)},{int(seed)}{tail}".encode()).digest()
 
 
 class _ShortRepr(reprlib.Repr):
@@ -372,7 +550,8 @@ class _RawRow:
 
     fields: dict[str, Any]
     line: int | None
-    key_lines: dict[str, int] = field(default_factory=dict)
+    # Shared: CSV and JSON Lines rows have none, and a million rows need no million dicts.
+    key_lines: Mapping[str, int] = field(default_factory=lambda: _NO_LINES)
 
     def line_of(self, key: str) -> int | None:
         return self.key_lines.get(key, self.line)
@@ -390,7 +569,9 @@ class _Builder:
         self.problems: list[Problem] = []
         self._reported: set[Problem] = set()
         self._seen = 0  # problems found, counting repeats that are reported once
-        self.rows: list[Row] = []
+        self.rows = RowTable(model, self.source)
+        self._kinds: dict[tuple[Any, ...], tuple[int, str, str]] = {}  # see _append
+        self._texts: dict[tuple[Any, ...], tuple[str, str]] = {}
         self._explicit_ids: dict[str, int | None] = {}
         self._derived_ids: set[str] = set()
         self._derived_seen: dict[str, int] = {}
@@ -403,6 +584,8 @@ class _Builder:
         self._json_checks: dict[int, tuple[Any, list[tuple[str, str]], Any]] = {}
         self._plans: list[tuple[Any, ...]] = []  # rows from the first that expands on
         self._params_texts: dict[int, tuple[Any, str]] = {}
+        self._prompts: dict[str, str] = {}
+        self._model_text = _json_str(model)
 
     def problem(self, line: int | None, name: str, reason: str) -> None:
         # A row that expands (prompts x images x seeds) would repeat the same problem.
@@ -738,25 +921,27 @@ class _Builder:
         meta: Mapping[str, Any],
         extra: tuple[tuple[str, Path | None], ...] = (),
     ) -> None:
-        # One input keeps the hash (and so the derived id) it always had.
-        key = image if not extra else json.dumps([image, *(ref for ref, _ in extra)])
-        digest = _request_hash(self.model, key, prompt, seed, fmt, self._params_json(params))
-        self.rows.append(
-            Row(
-                id=explicit_id or self._derived_id(digest),
-                image=image,
-                prompt=prompt,
-                seed=seed,
-                output_format=fmt,
-                model=self.model,
-                params=params,
-                meta=meta,
-                fingerprint=digest[:32],
-                source=f"{self.source}:{line}" if line else self.source,
-                image_path=image_path,
-                extra_images=extra,
-            )
-        )
+        # Rows that say the same prompt share one string of it: a million rows of a few
+        # edits keep a few prompts, not a million copies.
+        prompt = self._prompts.setdefault(prompt, prompt)
+        # What rows share (params and meta by identity: rows share the very objects,
+        # from defaults and aliases), found once: its place in the table, and the parts
+        # of the request's canonical text around the prompt and seed.
+        shared = (image, image_path, fmt, id(params), id(meta), extra)
+        found = self._kinds.get(shared)
+        if found is None:
+            texts = self._texts.get(shared[:4])  # rows that differ in meta share these
+            if texts is None:
+                # One input keeps the hash (and so the derived id) it always had.
+                key = image if not extra else json.dumps([image, *(ref for ref, _ in extra)])
+                head, tail = _around(self._model_text, _json_str(key), _json_str(fmt))
+                texts = self._texts[shared[:4]] = (head, tail + self._params_json(params) + "]")
+            kind = self.rows.add_kind((image, image_path, fmt, params, meta, extra))
+            found = self._kinds[shared] = (kind, *texts)
+        kind, head, tail = found
+        digest = _digest(head, prompt, seed, tail)
+        row_id = explicit_id or self._derived_id(digest.hex())
+        self.rows.append(row_id, prompt, seed, digest, line, kind)
 
     def _add_plain(self, raw: _RawRow) -> bool:
         """Add a row of the common shape (scalar image, prompt, seed, format, id) that is
@@ -768,7 +953,9 @@ class _Builder:
         image, prompt = fields.get("image"), fields.get("prompt")
         if type(image) is not str or type(prompt) is not str:
             return False
-        if not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS or _SURROGATE.search(prompt):
+        if prompt not in self._prompts and (  # a prompt a row already had passed these
+            not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS or _SURROGATE.search(prompt)
+        ):
             return False
         if self._planned >= MAX_ROWS:
             return False
@@ -798,7 +985,10 @@ class _Builder:
             self._explicit_ids[explicit] = raw.key_lines.get("id", raw.line)
         self._planned += 1
         path = image_path if isinstance(image_path, Path) else None
-        self._add_plan(1, (raw.line, explicit, image, path, prompt, seed, fmt))
+        if self._plans:  # an earlier row expands: this one waits its turn
+            self._plans.append((raw.line, explicit, image, path, prompt, seed, fmt))
+        else:
+            self._append(raw.line, explicit, image, path, prompt, seed, fmt, _EMPTY, _EMPTY)
         return True
 
     def _one_or_many(
@@ -892,12 +1082,12 @@ class _Builder:
             self.problem(line, f"{name}{where}", reason)
         return params
 
-    def _meta(self, value: Any, line: int | None, name: str) -> dict[str, Any]:
+    def _meta(self, value: Any, line: int | None, name: str) -> Mapping[str, Any]:
         if not isinstance(value, dict):
             self.problem(line, name, "must be a mapping of names to scalars")
-            return {}
+            return _EMPTY
         if not value:
-            return {}
+            return _EMPTY  # shared, as for params: rows without meta share their fields
         problems, meta = self._checked_json(value, scalars_only=True)
         for where, reason in problems:
             self.problem(line, f"{name}{where}", reason)
@@ -934,7 +1124,7 @@ class _Builder:
         self._derived_ids.add(row_id)
         return row_id
 
-    def finish(self) -> tuple[Row, ...]:
+    def finish(self) -> RowTable:
         if self._full:  # nothing built, and nothing worth building
             raise ManifestError(sorted(self.problems, key=lambda p: p.line or 0))
         for plan in self._plans:
@@ -956,7 +1146,8 @@ class _Builder:
         if self.problems:
             # In file order, as a compiler lists them; problems without a line first.
             raise ManifestError(sorted(self.problems, key=lambda p: p.line or 0))
-        return tuple(self.rows)
+        self.rows.source_file = self.source  # "command line" is set after the builder
+        return self.rows
 
 
 _GLOB_MAGIC = re.compile(r"[*?\[]")

@@ -229,9 +229,10 @@ def schema_problems(rows: Iterable[Any], catalogue: Catalogue) -> list[Problem]:
                 if not p.reason.startswith("is required")
             ]
             seen[key] = found
-        source, line = _where(row.source)
-        problems += [Problem(source, line, f"params.{f}" if f in row.params else f, why)
-                     for f, why in found]  # fmt: skip
+        if found:  # where the row is written, worked out only for a row with a problem
+            source, line = _where(row.source)
+            problems += [Problem(source, line, f"params.{f}" if f in row.params else f, why)
+                         for f, why in found]  # fmt: skip
     return problems
 
 

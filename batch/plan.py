@@ -4,7 +4,7 @@ without loading the HTTP stack."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,11 +12,11 @@ from batch.account import Estimate, Prices, estimate
 from batch.errors import ManifestError
 from batch.folder import check_owner
 from batch.ledger import ledger_paths, read_ledgers
-from batch.manifest import Manifest, Row
+from batch.manifest import Manifest, Row, RowTable, ids_and_fingerprints, models_of
 from batch.models import known as known_models
 from batch.models import schema_problems
 from batch.outputs import existing_files
-from batch.state import Action, LedgerState, plan_row
+from batch.state import Action, LedgerState, is_done, plan_row
 
 _CODE = {action: n for n, action in enumerate(Action)}
 # By identity: an Enum's hash is Python code, a million calls of it a second of planning.
@@ -54,9 +54,14 @@ def plan_rows(
 ) -> Planned:
     """Plan every row from the ledger state and the files on disk, in one pass."""
     known, hold_all, code = state.rows.get, state.damage_unattributed, _CODE_BY_ID
-    actions = bytearray(len(rows))
-    for n, row in enumerate(rows):
-        plan = plan_row(known(row.id), row.fingerprint, files, retry_failed, hold_all)
+    done = _CODE[Action.DONE]
+    actions = bytearray([done]) * len(rows)
+    # Ids and fingerprints only: a finished row's Row is never made.
+    for n, (row_id, fingerprint) in enumerate(ids_and_fingerprints(rows)):
+        row_state = known(row_id)
+        if row_state is not None and is_done(row_state, fingerprint, files):
+            continue  # the common case of a resume, told without a plan
+        plan = plan_row(row_state, fingerprint, files, retry_failed, hold_all)
         actions[n] = code[id(plan.action)]
     return Planned(actions)
 
@@ -64,21 +69,35 @@ def plan_rows(
 def check_schemas(manifest: Manifest) -> None:
     """Every row's params against its model's schema (cached or bundled), before any
     request: a field the model does not take is a paid task that fails."""
-    problems = schema_problems(manifest.rows, known_models())
+    rows: Iterable[Row] = manifest.rows
+    catalogue = known_models()
+    if isinstance(rows, RowTable):
+        # What is checked is what rows share: one row of each, then every row like the
+        # ones that fail (each problem names its row's line).
+        rows = rows.of_kinds(k for k, r in rows.samples() if schema_problems([r], catalogue))
+    problems = schema_problems(rows, catalogue)
     if problems:
         raise ManifestError(problems)
 
 
 def plan_manifest(
     manifest: Manifest, out_dir: Path, retry_failed: bool
-) -> tuple[dict[str, int], float, list[Row]]:
+) -> tuple[dict[str, int], float, Sequence[Row]]:
     check_schemas(manifest)
     check_owner(out_dir, manifest)
     state = read_ledgers(ledger_paths(out_dir), keep_last=False)
     rows = manifest.rows
     planned = plan_rows(rows, state, existing_files(out_dir), retry_failed)
-    to_submit = [rows[n] for n in planned.indices(Action.SUBMIT)]
+    to_submit = _picked(rows, planned.indices(Action.SUBMIT))
     return planned.counts, state.spend, to_submit
+
+
+def _picked(rows: Sequence[Row], indices: Iterable[int]) -> Sequence[Row]:
+    """The rows at ``indices``; a table's stay columns (a million rows to submit are
+    counted and priced without making them)."""
+    if isinstance(rows, RowTable):
+        return rows.take(indices)
+    return [rows[n] for n in indices]
 
 
 def estimate_offline(
@@ -92,9 +111,9 @@ def estimate_offline(
     if not given:
         catalogue = known_models()
         base = {
-            row.model: info.base_price
-            for row in {r.model: r for r in to_submit}.values()
-            if (info := catalogue.get(row.model)) is not None and info.base_price is not None
+            model: info.base_price
+            for model in set(models_of(to_submit))
+            if (info := catalogue.get(model)) is not None and info.base_price is not None
         }
         prices = Prices(price, base, source="catalogue")
     return estimate(counts, spent, to_submit, prices, None)

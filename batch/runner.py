@@ -15,7 +15,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from batch.bulk import gc_paused
 from batch.client import Client
 from batch.errors import AuthError
 from batch.events import Failed, Finished, RunStarted
-from batch.files import remove_temp_files
+from batch.files import TEMP_PREFIX, list_folder, remove_temp_files
 from batch.folder import check_owner, manifest_file
 from batch.job import Job, Resources, request_fields
 from batch.ledger import (
@@ -38,7 +38,7 @@ from batch.ledger import (
     read_ledger,
 )
 from batch.limits import SubmitLimiter
-from batch.manifest import Manifest, Row, shard_of
+from batch.manifest import Manifest, Row, RowTable, ids_and_fingerprints, row_ids, shard_of
 from batch.metrics import JsonLog
 from batch.models import known as known_models
 from batch.options import RunOptions
@@ -122,6 +122,14 @@ class _Baseline:
     spend: float
 
 
+def _shard_rows(rows: Sequence[Row], shard: tuple[int, int]) -> Sequence[Row]:
+    """The rows of one shard, picked by id (a table's rows stay columns)."""
+    index, count = shard
+    if isinstance(rows, RowTable):
+        return rows.take(n for n, row_id in enumerate(rows.ids) if shard_of(row_id, count) == index)
+    return tuple(r for r in rows if shard_of(r.id, count) == index)
+
+
 class Runner:
     def __init__(
         self,
@@ -135,11 +143,7 @@ class Runner:
     ) -> None:
         self.manifest = manifest
         shard = options.shard
-        self.rows = (
-            manifest.rows
-            if shard is None
-            else tuple(r for r in manifest.rows if shard_of(r.id, shard[1]) == shard[0])
-        )
+        self.rows = manifest.rows if shard is None else _shard_rows(manifest.rows, shard)
         self.client = client
         self.metrics = client.metrics
         self.options = options
@@ -161,15 +165,17 @@ class Runner:
         self.prices = Prices(options.price)
         self.held = 0  # rows a damaged ledger line keeps from being submitted
         self._files: set[str] = set()  # OUT_DIR's files when the rows were planned
+        self._listed = False  # _files holds a listing taken as the run prepared
 
     # -- planning ------------------------------------------------------------
 
-    def load_state(self) -> LedgerState:
-        """Read every ledger of OUT_DIR once; cut a torn tail off our own before appending."""
+    def load_state(self, ledgers: list[Path] | None = None) -> LedgerState:
+        """Read every ledger of OUT_DIR once (``ledgers``, when listed already); cut a torn
+        tail off our own before appending."""
         own, good_end = read_ledger(self.ledger_path, keep_last=False)
         cut_torn_tail(self.ledger_path, good_end)
         states = []
-        for path in ledger_paths(self.out_dir):
+        for path in ledger_paths(self.out_dir) if ledgers is None else ledgers:
             if path != self.ledger_path:
                 state, end = read_ledger(path, keep_last=False)
                 states.append(state)
@@ -196,7 +202,8 @@ class Runner:
         )
 
     def _plan_all(self) -> Planned:
-        self._files = existing_files(self.out_dir)
+        if not self._listed:
+            self._files = existing_files(self.out_dir)
         return plan_rows(self.rows, self.state, self._files, self.options.retry_failed)
 
     def _work(self, planned: Planned) -> Iterator[tuple[Row, Plan]]:
@@ -215,9 +222,14 @@ class Runner:
 
     def _prepare(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        check_owner(self.out_dir, self.manifest)
-        remove_temp_files(self.out_dir)
-        self.load_state()
+        # One listing for the ledgers, the temporary files and the outputs on disk: each
+        # takes most of a second beside a million outputs.
+        self._files, names = list_folder(self.out_dir, ("ledger.", TEMP_PREFIX))
+        self._listed = True
+        ledgers = ledger_paths(self.out_dir, names)
+        check_owner(self.out_dir, self.manifest, ledgers)
+        remove_temp_files(self.out_dir, names)
+        self.load_state(ledgers)
 
     # -- the run -------------------------------------------------------------
 
@@ -345,7 +357,11 @@ class Runner:
         """Settle what earlier runs left in doubt, plan every row, price what is to submit."""
         if self.state.doubts:
             doubted = {d.row for d in self.state.doubts.values()}
-            fingerprints = {row.id: row.fingerprint for row in self.rows if row.id in doubted}
+            fingerprints = {
+                row_id: fingerprint
+                for row_id, fingerprint in ids_and_fingerprints(self.rows)
+                if row_id in doubted
+            }
             adoptable = {
                 d.row: d.fingerprint is not None and fingerprints.get(d.row) == d.fingerprint
                 for d in self.state.doubts.values()
@@ -360,7 +376,9 @@ class Runner:
         self.held += counts[Action.HELD.value]
         rows = self.rows
 
-        def to_submit() -> Iterator[Row]:
+        def to_submit() -> Iterable[Row]:
+            if isinstance(rows, RowTable):  # counted and priced without making the rows
+                return rows.take(planned.indices(Action.SUBMIT))
             return (rows[n] for n in planned.indices(Action.SUBMIT))
 
         prices, balance = Prices(self.options.price), None
@@ -471,7 +489,7 @@ class Runner:
 
     def summary(self) -> Summary:
         """The run's outcome, read from the ledger state like every other view."""
-        counts = self.state.counts(r.id for r in self.rows)
+        counts = self.state.counts(row_ids(self.rows))
         completed = counts[RowStatus.COMPLETED]
         failed = counts[RowStatus.FAILED]
         in_flight = counts[RowStatus.IN_FLIGHT] + counts[RowStatus.IN_DOUBT]

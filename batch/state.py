@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
+from operator import attrgetter, countOf
 from types import MappingProxyType
 from typing import Any
 
@@ -175,19 +176,27 @@ class LedgerState:
     def counts(self, row_ids: Iterable[str] | None = None) -> dict[RowStatus, int]:
         """Rows per status, over ``row_ids`` (rows the ledger does not know are not
         started) or over every row the ledger knows."""
-        rows = self.rows
-        statuses: Iterable[RowStatus]
-        if row_ids is None:
-            statuses = (row.status for row in rows.values())
-        else:
-            none = RowStatus.NOT_STARTED
-            statuses = (
-                known.status if (known := rows.get(row_id)) is not None else none
-                for row_id in row_ids
-            )
+        # Told in C (map, attrgetter, countOf) rather than a status property call a row:
+        # a million-row run counts its rows in a tenth of the time. A row's status is its
+        # base, unless an intent is open (in doubt): those few are moved over after.
+        states: list[RowState | None] = (
+            list(self.rows.values()) if row_ids is None else list(map(self.rows.get, row_ids))
+        )
+        unknown = countOf(states, None)
+        known = [row for row in states if row is not None] if unknown else states
         # Tallied by identity: an Enum's hash is Python code, called twice a row otherwise.
-        tally = Counter(map(id, statuses))
+        tally = Counter(map(id, map(_base, known)))
+        tally[id(RowStatus.NOT_STARTED)] += unknown
+        if len(known) != countOf(map(_intent, known), None):
+            for row in known:
+                if row is not None and row.intent is not None:
+                    tally[id(row.base)] -= 1
+                    tally[id(RowStatus.IN_DOUBT)] += 1
         return {s: tally[id(s)] for s in RowStatus}
+
+
+_base = attrgetter("base")
+_intent = attrgetter("intent")
 
 
 def _close_intent(state: LedgerState, row: RowState) -> float:
@@ -254,6 +263,15 @@ def apply(
         if when is not None:
             state.uploads[event.sha256] = (event.download_url, when, event.base_url)
         return
+    if isinstance(event, Completed):
+        apply_completed(
+            state,
+            (event.row, event.prediction_id, event.outputs, event.seed, event.fingerprint),
+            ts,
+            record,
+            keep_last,
+        )
+        return
     row = state.rows.get(event.row)
     if row is None:
         row = state.rows[event.row] = RowState()
@@ -293,12 +311,7 @@ def apply(
         return  # nothing created, the row stands as it did
     if price and not isinstance(event, Submitted):
         _count_doubt(state, row, open_intent, price)  # an outcome never recorded for it
-    if keep_last:
-        row.last = record
-    if event.fingerprint is not None:
-        row.fingerprint = event.fingerprint
-    if event.seed is not None and event.seed >= 0:
-        row.seed = event.seed
+    _outcome(row, record, keep_last, event.fingerprint, event.seed)
     if isinstance(event, Submitted):
         paid = event.price if event.price is not None else (price or state.price)
         doubt = state.doubts.pop(event.intent, None) if event.intent else None
@@ -316,15 +329,6 @@ def apply(
         row.submitted_at = ts
         row.task_status = row.error = row.code = None
         row.retryable = False
-    elif isinstance(event, Completed):
-        row.base = RowStatus.COMPLETED
-        if event.prediction_id:
-            row.prediction_id = event.prediction_id
-            state.predictions.add(event.prediction_id)
-        row.outputs = event.outputs
-        row.task_status = "completed"
-        row.error = row.code = None
-        row.retryable = False
     else:
         if event.possible_duplicates:
             _count_unknown(state, row, state.price, event.possible_duplicates)
@@ -338,6 +342,55 @@ def apply(
         row.task_status = event.task_status
         if event.code == GONE_CODE:
             row.gone += 1
+
+
+def _outcome(
+    row: RowState,
+    record: Mapping[str, Any],
+    keep_last: bool,
+    fingerprint: str | None,
+    seed: int | None,
+) -> None:
+    """What every outcome of a submit (submitted, completed, failed) records alike."""
+    if keep_last:
+        row.last = record
+    if fingerprint is not None:
+        row.fingerprint = fingerprint
+    if seed is not None and seed >= 0:
+        row.seed = seed
+
+
+CompletedFacts = tuple[str, str, tuple[str, ...], int | None, str | None]
+
+
+def apply_completed(
+    state: LedgerState,
+    facts: CompletedFacts,
+    ts: str | None,
+    record: Mapping[str, Any],
+    keep_last: bool = True,
+) -> None:
+    """Apply a ``completed`` event given as its facts (row, prediction_id, outputs, seed,
+    fingerprint): what ``apply`` does with a ``Completed``, and what a ledger read does
+    with a checked ``completed`` line without building the event (``completed_facts``)."""
+    row_id, pid, outputs, seed, fingerprint = facts
+    row = state.rows.get(row_id)
+    if row is None:
+        row = state.rows[row_id] = RowState()
+    row.ts = ts
+    open_intent = row.intent
+    price = _close_intent(state, row)
+    if price:
+        _count_doubt(state, row, open_intent, price)  # an outcome never recorded for it
+    _outcome(row, record, keep_last, fingerprint, seed)
+    row.base = RowStatus.COMPLETED
+    if pid:
+        row.prediction_id = pid
+        state.predictions.add(pid)
+    row.outputs = outputs
+    row.task_status = "completed"
+    row.error = row.code = None
+    row.retryable = False
 
 
 def merge_states(states: list[LedgerState]) -> LedgerState:
@@ -408,15 +461,26 @@ def plan_row(
     return plan
 
 
+def is_done(state: RowState, fingerprint: str, files: set[str]) -> bool:
+    """Completed for this very request, every output on disk: the plan most rows of a
+    resume get, told without making one."""
+    return (
+        state.base is RowStatus.COMPLETED
+        and state.intent is None
+        and (state.fingerprint is None or state.fingerprint == fingerprint)
+        and bool(state.outputs)
+        and files.issuperset(state.outputs)
+    )
+
+
 def _plan(state: RowState, fingerprint: str, files: set[str], retry_failed: bool) -> Plan:
+    if is_done(state, fingerprint, files):
+        return _DONE
     if state.fingerprint is not None and state.fingerprint != fingerprint:
         return _SUBMIT  # the request changed under the same id: a new task
     seed, pid = state.seed, state.prediction_id
     status = state.status
     if status is RowStatus.COMPLETED:
-        outputs = state.outputs
-        if outputs and files.issuperset(outputs):
-            return _DONE
         # An output went missing: fetch it again while the server still has it.
         return Plan(Action.POLL, pid, seed) if pid else _submit(seed)
     if status is RowStatus.IN_FLIGHT and pid:
