@@ -134,10 +134,12 @@ def build_completed_out(manifest: Path, out_dir: Path, content: bytes = b"") -> 
                 source.write_bytes(content)
             os.link(source, out_dir / name)
             image_path = str(row.image_path) if row.image_path is not None else None
+            # As the runner's encoder writes it: no "meta" key when a row has none.
+            meta = f'"meta":{json.dumps(dict(row.meta))},' if row.meta else ""
             lines.append(
                 f'{head}"{row.id}","prediction_id":"p{n}","outputs":["{name}"],'
                 f'"sha256":["{zeros}"],"nsfw":[false],"inference_ms":1,"seed":{row.seed},'
-                f'"meta":{json.dumps(dict(row.meta))},"fingerprint":"{row.fingerprint}",'
+                f'{meta}"fingerprint":"{row.fingerprint}",'
                 f'"model":{json.dumps(row.model)},"prompt":{json.dumps(row.prompt)},'
                 f'"image":{json.dumps(redact_url(row.image))},'
                 f'"image_path":{json.dumps(image_path)}}}\n'
