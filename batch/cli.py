@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--queue-ahead",
         type=_non_negative_int,
         help="tasks kept queued on the server beyond --concurrency once it queues them "
-        "(default: a fifth of it; 0: never more than --concurrency)",
+        "(default: a quarter of it; 0: never more than --concurrency)",
     )
     run.add_argument("--rate", type=_positive_float, help="submissions per minute (default: none)")
     run.add_argument("--timeout", type=_positive_float, help="seconds per task (default 600)")

@@ -28,6 +28,8 @@ LAG_WEIGHT = 6.0
 # Once the server holds queued tasks of the run, a finished task's slot is refilled at
 # once whenever it is noticed: lag then costs only the last tasks' wait.
 QUEUED_LAG_WEIGHT = 2.0
+# Once no row is left to start, a task's lag is the run's: only the last few tasks pay it.
+TAIL_LAG_WEIGHT = 20.0
 GRID_SLACK = 0.1
 REFRESH_S = 0.2
 FRESH_S_PER_TASK = 0.0002

@@ -44,7 +44,7 @@ from batch.models import known as known_models
 from batch.options import RunOptions
 from batch.outputs import existing_files
 from batch.plan import Planned, plan_rows
-from batch.polling import LAG_WEIGHT, PollSchedule
+from batch.polling import TAIL_LAG_WEIGHT, PollSchedule
 from batch.settle import Settler
 from batch.slots import Slots
 from batch.spend import SpendGuard
@@ -436,7 +436,7 @@ class Runner:
     async def _worker(self, res: Resources, work: Iterator[tuple[Row, Plan]]) -> None:
         await self._rows(res, work)
         # Nothing left to start: the lag of the tasks still out now adds to the run's end.
-        res.schedule.set_lag_weight(LAG_WEIGHT)
+        res.schedule.set_lag_weight(TAIL_LAG_WEIGHT)
 
     async def _rows(self, res: Resources, work: Iterator[tuple[Row, Plan]]) -> None:
         for row, plan in work:

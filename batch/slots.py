@@ -22,8 +22,8 @@ from collections import deque
 
 # Queued tasks beyond the cap, as a share of --concurrency: measured on a lognormal
 # 6 s workload with a server cap of 20 (README, "Speed and scale"), 10% recovered half
-# of the lag's cost and 20% nearly all of it.
-AHEAD_SHARE = 0.2
+# of the lag's cost, 20-25% nearly all of it.
+AHEAD_SHARE = 0.25
 AHEAD_MAX = 200
 
 

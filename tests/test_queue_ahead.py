@@ -81,8 +81,8 @@ def test_a_server_with_room_gets_one_task_more_at_most(
 
 
 def test_default_ahead_is_a_fifth_of_concurrency_and_at_least_one() -> None:
-    """The automatic depth: one task for small pools, a fifth of large ones, capped."""
-    assert [default_ahead(n) for n in (1, 2, 5, 10, 20, 1000, 5000)] == [1, 1, 1, 2, 4, 200, 200]
+    """The automatic depth: one task for small pools, a quarter of large ones, capped."""
+    assert [default_ahead(n) for n in (1, 2, 5, 10, 20, 1000, 5000)] == [1, 1, 2, 3, 5, 200, 200]
 
 
 def test_slots_grow_only_while_the_probe_is_out() -> None:
