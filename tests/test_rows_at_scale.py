@@ -91,16 +91,19 @@ def test_rows_made_on_demand_are_the_rows_read(tmp_path: Path) -> None:
 
 
 def test_a_table_keeps_about_a_hundred_bytes_a_row(tmp_path: Path) -> None:
-    """10k rows kept as columns cost under 160 bytes a row (Row objects took 450)."""
+    """10k rows kept as columns cost under 160 bytes a row (Row objects took 450), and
+    loading them peaks under 300 bytes a row above that: a list of raw rows or of plans
+    (each 400+ bytes a row) would not fit."""
     path = _csv(tmp_path, 10_000)
     tracemalloc.start()
     try:
         manifest = load_manifest(path)
-        kept, _ = tracemalloc.get_traced_memory()
+        kept, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert len(manifest.rows) == 10_000
     assert kept < 160 * 10_000, f"{kept / 10_000:.0f} bytes a row"
+    assert peak < kept + 300 * 10_000, f"peak {peak / 1e6:.1f} MB for {kept / 1e6:.1f} MB of rows"
 
 
 def test_bulk_counts_match_each_rows_status() -> None:

@@ -58,20 +58,6 @@ def test_manifest_lines_read_as_stringio_reads_them() -> None:
             assert list(_text_lines(text, newline)) == list(io.StringIO(text, newline=newline))
 
 
-def test_manifest_rows_are_not_held_twice_while_loading(tmp_path: Path) -> None:
-    """Loading 10k CSV rows peaks at what the rows keep plus under 300 bytes a row of
-    working state: a list of raw rows or of plans (each 400+ bytes a row) would not fit."""
-    path = _csv_manifest(tmp_path, 10_000)
-    tracemalloc.start()
-    try:
-        manifest = load_manifest(path)
-        kept, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert len(manifest.rows) == 10_000
-    assert peak < kept + 300 * 10_000, f"peak {peak / 1e6:.1f} MB for {kept / 1e6:.1f} MB of rows"
-
-
 def test_ledger_is_read_in_runs_not_whole(tmp_path: Path) -> None:
     """Reading a 24 MB ledger holds a few MB of it at a time, not the whole file."""
     path = tmp_path / "ledger.jsonl"
