@@ -128,6 +128,31 @@ function secs(v) {
   return v < 600 ? v.toFixed(1) + " s" : (v / 60).toFixed(1) + " min";
 }
 function cmp(a, b) { return a < b ? -1 : a > b ? 1 : 0; }
+// A thumbnail that opens the lightbox at its place in ``items``; a placeholder when
+// there is neither a thumbnail nor an image to show.
+function imageTile(items, src, href, caption, nsfw, size) {
+  if (!src && !href) return el("div", "tile none", "no image");
+  var b = el("button", "tile" + (nsfw ? " nsfw" : ""));
+  b.type = "button";
+  b.title = caption;
+  if (src) {
+    var img = el("img");
+    img.loading = "lazy"; img.decoding = "async"; img.width = size; img.height = size;
+    img.alt = caption; img.src = src;
+    b.appendChild(img);
+  } else {
+    b.appendChild(document.createTextNode("no thumbnail"));
+  }
+  b.setAttribute("data-lb", String(items.length));
+  items.push({thumb: src, full: href, caption: caption, nsfw: !!nsfw});
+  return b;
+}
+// A remote input: a link, never loaded by the page itself.
+function remoteTile(href, title) {
+  var a = el("a", "tile none", "remote input \u2197");
+  a.href = href; a.target = "_blank"; a.rel = "noopener noreferrer"; a.title = title;
+  return a;
+}
 """
 
 
@@ -269,31 +294,12 @@ function compute() {
 }
 
 function tile(thumb, full, caption, nsfw) {
-  var src = thumbUrl(thumb), href = safe(full);
-  if (!src && !href) return el("div", "tile none", "no image");
-  var b = el("button", "tile" + (nsfw ? " nsfw" : ""));
-  b.type = "button";
-  b.title = caption;
-  if (src) {
-    var img = el("img");
-    img.loading = "lazy"; img.decoding = "async"; img.width = 128; img.height = 128;
-    img.alt = caption; img.src = src;
-    b.appendChild(img);
-  } else {
-    b.appendChild(document.createTextNode("no thumbnail"));
-  }
-  b.setAttribute("data-lb", String(lbItems.length));
-  lbItems.push({thumb: src, full: href, caption: caption, nsfw: !!nsfw});
-  return b;
+  return imageTile(lbItems, thumbUrl(thumb), safe(full), caption, nsfw, 128);
 }
 
 function inputTile(g) {
   var label = g[0] || "input", href = safe(g[1]);
-  if (g[3] && href) {  // a remote input: a link, never loaded by the page itself
-    var a = el("a", "tile none", "remote input \u2197");
-    a.href = href; a.target = "_blank"; a.rel = "noopener noreferrer"; a.title = label;
-    return a;
-  }
+  if (g[3] && href) return remoteTile(href, label);
   return tile(g[2], g[1], "input: " + label, false);
 }
 
@@ -603,31 +609,12 @@ function head() {
 }
 
 function tile(thumb, full, caption, nsfw) {
-  var href = safe(full);
-  if (!thumb && !href) return el("div", "tile none", "no image");
-  var b = el("button", "tile" + (nsfw ? " nsfw" : ""));
-  b.type = "button";
-  b.title = caption;
-  if (thumb) {
-    var img = el("img");
-    img.loading = "lazy"; img.decoding = "async"; img.width = 160; img.height = 160;
-    img.alt = caption; img.src = thumb;
-    b.appendChild(img);
-  } else {
-    b.appendChild(document.createTextNode("no thumbnail"));
-  }
-  b.setAttribute("data-lb", String(lbItems.length));
-  lbItems.push({thumb: thumb, full: href, caption: caption, nsfw: !!nsfw});
-  return b;
+  return imageTile(lbItems, thumb, safe(full), caption, nsfw, 160);
 }
 
 function inputTile(g, caption) {
   var href = safe(g[1]);
-  if (g[3] && href) {  // a remote input: a link, never loaded by the page itself
-    var a = el("a", "tile none", "remote input \u2197");
-    a.href = href; a.target = "_blank"; a.rel = "noopener noreferrer"; a.title = g[0] || "";
-    return a;
-  }
+  if (g[3] && href) return remoteTile(href, g[0] || "");
   return tile(thumbUrl(D.thumbDir, g[2]), g[1], caption, false);
 }
 
