@@ -187,6 +187,27 @@ def _flag_schema(description: str) -> dict[str, Any]:
 _BASE64_DOC = "Return outputs as base64 instead of URLs."
 _SYNC_DOC = "Hold the submit until the task is done and answer its result."
 
+
+def _one_image_schema() -> dict[str, Any]:
+    """The request schema of an editor of one input image (HiDream, Qwen)."""
+    return {
+        "type": "object",
+        "properties": {
+            "prompt": {"type": "string", "minLength": 1, "description": "The edit."},
+            "image": {"type": "string", "format": "uri", "description": "Input image."},
+            "seed": _seed_schema(),
+            "output_format": {
+                "type": "string",
+                "enum": list(_FORMATS),
+                "default": "jpeg",
+            },
+            "enable_base64_output": _flag_schema(_BASE64_DOC),
+            "enable_sync_mode": _flag_schema(_SYNC_DOC),
+        },
+        "required": ["prompt", "image"],
+    }
+
+
 MODELS: dict[str, ModelSpec] = {
     spec.model_id: spec
     for spec in (
@@ -196,20 +217,7 @@ MODELS: dict[str, ModelSpec] = {
             description="Instruction-based image editing of one input image.",
             type="image-to-image",
             request_schema={
-                "type": "object",
-                "properties": {
-                    "prompt": {"type": "string", "minLength": 1, "description": "The edit."},
-                    "image": {"type": "string", "format": "uri", "description": "Input image."},
-                    "seed": _seed_schema(),
-                    "output_format": {
-                        "type": "string",
-                        "enum": list(_FORMATS),
-                        "default": "jpeg",
-                    },
-                    "enable_base64_output": _flag_schema(_BASE64_DOC),
-                    "enable_sync_mode": _flag_schema(_SYNC_DOC),
-                },
-                "required": ["prompt", "image"],
+                **_one_image_schema(),
                 "x-order-properties": [
                     "prompt",
                     "image",
@@ -289,22 +297,7 @@ MODELS: dict[str, ModelSpec] = {
             name="Qwen Image Edit",
             description="Instruction-based editing of one input image.",
             type="image-to-image",
-            request_schema={
-                "type": "object",
-                "properties": {
-                    "prompt": {"type": "string", "minLength": 1, "description": "The edit."},
-                    "image": {"type": "string", "format": "uri", "description": "Input image."},
-                    "seed": _seed_schema(),
-                    "output_format": {
-                        "type": "string",
-                        "enum": list(_FORMATS),
-                        "default": "jpeg",
-                    },
-                    "enable_base64_output": _flag_schema(_BASE64_DOC),
-                    "enable_sync_mode": _flag_schema(_SYNC_DOC),
-                },
-                "required": ["prompt", "image"],
-            },
+            request_schema=_one_image_schema(),
         ),
     )
 }
