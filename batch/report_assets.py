@@ -147,6 +147,19 @@ function imageTile(items, src, href, caption, nsfw, size) {
   items.push({thumb: src, full: href, caption: caption, nsfw: !!nsfw});
   return b;
 }
+// Previous / next buttons and "page k of n" (``go`` turns to a page), when there are pages.
+function pageButtons(box, page, pages, go) {
+  if (pages < 2) return;
+  var prev = el("button", "prev", "\u2039 previous"), next = el("button", "next", "next \u203a");
+  prev.type = next.type = "button";
+  prev.disabled = page === 0;
+  next.disabled = page >= pages - 1;
+  prev.onclick = function () { go(page - 1); };
+  next.onclick = function () { go(page + 1); };
+  box.appendChild(prev);
+  box.appendChild(el("span", "where", "page " + (page + 1) + " of " + pages));
+  box.appendChild(next);
+}
 // A remote input: a link, never loaded by the page itself.
 function remoteTile(href, title) {
   var a = el("a", "tile none", "remote input \u2197");
@@ -371,16 +384,7 @@ function pager(box, pages, count) {
   box.textContent = "";
   box.appendChild(el("span", "count", count + (count === 1 ? " row" : " rows") + " in " +
     shown.length + (shown.length === 1 ? " image" : " images")));
-  if (pages < 2) return;
-  var prev = el("button", "prev", "\u2039 previous"), next = el("button", "next", "next \u203a");
-  prev.type = next.type = "button";
-  prev.disabled = state.page === 0;
-  next.disabled = state.page >= pages - 1;
-  prev.onclick = function () { go(state.page - 1); };
-  next.onclick = function () { go(state.page + 1); };
-  box.appendChild(prev);
-  box.appendChild(el("span", "where", "page " + (state.page + 1) + " of " + pages));
-  box.appendChild(next);
+  pageButtons(box, state.page, pages, go);
 }
 
 function render() {
@@ -671,16 +675,7 @@ function pager(box, pages) {
   var n = shown.length;
   box.appendChild(el("span", "count", n + (n === 1 ? " row" : " rows") + " \u00d7 " + N +
     " models"));
-  if (pages < 2) return;
-  var prev = el("button", "prev", "\u2039 previous"), next = el("button", "next", "next \u203a");
-  prev.type = next.type = "button";
-  prev.disabled = state.page === 0;
-  next.disabled = state.page >= pages - 1;
-  prev.onclick = function () { go(state.page - 1); };
-  next.onclick = function () { go(state.page + 1); };
-  box.appendChild(prev);
-  box.appendChild(el("span", "where", "page " + (state.page + 1) + " of " + pages));
-  box.appendChild(next);
+  pageButtons(box, state.page, pages, go);
 }
 
 function render() {
