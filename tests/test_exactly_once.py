@@ -279,7 +279,7 @@ def test_ctrl_c_during_backoff_keeps_lost_answers_counted(
     env.pop("WSBATCH_ZERO_BACKOFF", None)  # real backoff: seconds to catch it in
     proc = subprocess.Popen(
         wsbatch_cmd("run", path, "--base-url", emulator.base_url, "--out", out,
-                    "--no-progress", "--concurrency", "1"),
+                    "--no-progress", "--concurrency", "1", "--queue-ahead", "0"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         stdin=subprocess.DEVNULL,
     )  # fmt: skip

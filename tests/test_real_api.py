@@ -167,7 +167,7 @@ def test_a_kill_between_send_and_answer_is_settled_by_the_next_run(
     out = tmp_path / "out"
     proc = subprocess.Popen(
         wsbatch_cmd("run", path, "--base-url", emulator.base_url, "--out", out,
-                    "--no-progress", "--concurrency", "1"),
+                    "--no-progress", "--concurrency", "1", "--queue-ahead", "0"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env(),
         stdin=subprocess.DEVNULL,
     )  # fmt: skip

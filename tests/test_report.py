@@ -39,7 +39,7 @@ def run_batch(emulator, images, write_manifest, cli, tmp_path: Path) -> Path:
     rows = simple_rows(images, 6)
     rows[2]["prompt"] = XSS_PROMPT
     rows[3]["output_format"] = "webp"
-    # Concurrency 1 submits in manifest order, so the forced failure lands on row-0000.
+    # One task at a time, in manifest order, so the forced failure lands on row-0000.
     emulator.fail_next_tasks(1200, MODERATION)
     out = tmp_path / "out"
     result = cli(
@@ -52,6 +52,8 @@ def run_batch(emulator, images, write_manifest, cli, tmp_path: Path) -> Path:
         "--no-progress",
         "--concurrency",
         "1",
+        "--queue-ahead",
+        "0",
     )
     assert result.code == 1, result.err  # one failed row
     return out
