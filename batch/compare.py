@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from batch.errors import UsageError
 from batch.files import write_atomic_sync
@@ -39,9 +38,9 @@ from batch.report import (
     SCRIPT_HASH,
     Cause,
     _cause,
-    _inside,
     _is_web,
     _json_for_html,
+    _local_href,
     _nsfw_flags,
     _percentile,
     _prefix,
@@ -338,12 +337,7 @@ def _group(
     label = _shown_path(ref) if ref else Path(image_path).name
     href: str | None = None
     if image_path:
-        folder, name = os.path.split(image_path)
-        if folder not in folder_prefix:
-            inside = _inside(folder, root_str)
-            folder_prefix[folder] = _prefix(folder, report_dir) if inside else None
-        prefix = folder_prefix[folder]
-        href = None if prefix is None else prefix + quote(name, safe="")
+        href = _local_href(image_path, root_str, report_dir, folder_prefix)
     elif _is_web(ref):
         return [label, ref, None, 1]
     return [label, href, None, 0]

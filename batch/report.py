@@ -222,6 +222,18 @@ def _inside(path: str, folder: str) -> bool:
         return False
 
 
+def _local_href(
+    image_path: str, root: str, report_dir: Path, prefixes: dict[str, str | None]
+) -> str | None:
+    """The report's link to a local input: only for one inside ``root`` (the page shows no
+    path outside the folder it reports on). ``prefixes`` caches each folder's prefix."""
+    folder, name = os.path.split(image_path)
+    if folder not in prefixes:
+        prefixes[folder] = _prefix(folder, report_dir) if _inside(folder, root) else None
+    prefix = prefixes[folder]
+    return None if prefix is None else prefix + quote(name, safe="")
+
+
 def _is_web(ref: str) -> bool:
     # Only web URLs become links: a ledger line must not smuggle in javascript: or data:.
     return ref.lower().startswith(("http://", "https://"))
@@ -355,12 +367,7 @@ def _row_data(
             if gkey[0] == "p":
                 # The original is linked only from inside the output folder: the page shows
                 # no path outside it, and its thumbnail (in .thumbs/) stands for it.
-                folder, name = os.path.split(image_path)
-                if folder not in folder_prefix:
-                    inside = _inside(folder, out_str)
-                    folder_prefix[folder] = _prefix(folder, report_dir) if inside else None
-                prefix = folder_prefix[folder]
-                href = None if prefix is None else prefix + quote(name, safe="")
+                href = _local_href(image_path, out_str, report_dir, folder_prefix)
                 key = file_key(image_path)
                 if key is not None:
                     sources.append(Source(key, image_path))
