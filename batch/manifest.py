@@ -446,7 +446,12 @@ def _around(model_text: str, image_text: str, fmt_text: str) -> tuple[str, str]:
 
 def _digest(head: str, prompt: str, seed: int, tail: str) -> bytes:
     """sha256 of ``head``, the prompt as JSON, the seed, ``tail`` (see ``_around``)."""
-    return hashlib.sha256(f"{head}{_json_str(prompt)},{int(seed)}{tail}".encode()).digest()
+    return _digest_encoded(head, _json_str(prompt), seed, tail)
+
+
+def _digest_encoded(head: str, prompt_text: str, seed: int, tail: str) -> bytes:
+    """``_digest`` with the prompt already a JSON string (rows share a few prompts)."""
+    return hashlib.sha256(f"{head}{prompt_text},{int(seed)}{tail}".encode()).digest()
 
 
 class _ShortRepr(reprlib.Repr):
@@ -584,7 +589,11 @@ class _Builder:
         self._json_checks: dict[int, tuple[Any, list[tuple[str, str]], Any]] = {}
         self._plans: list[tuple[Any, ...]] = []  # rows from the first that expands on
         self._params_texts: dict[int, tuple[Any, str]] = {}
-        self._prompts: dict[str, str] = {}
+        # Each prompt a row passed, as one shared string and its JSON text: a million rows
+        # of a few edits keep a few prompts, encoded once.
+        self._prompts: dict[str, tuple[str, str]] = {}
+        # (image, format) of plain rows -> what _kind gives them, and their input's path
+        self._plain_kinds: dict[tuple[str, str], tuple[tuple[int, str, str], Path | None, str]] = {}
         self._model_text = _json_str(model)
 
     def problem(self, line: int | None, name: str, reason: str) -> None:
@@ -921,12 +930,21 @@ class _Builder:
         meta: Mapping[str, Any],
         extra: tuple[tuple[str, Path | None], ...] = (),
     ) -> None:
-        # Rows that say the same prompt share one string of it: a million rows of a few
-        # edits keep a few prompts, not a million copies.
-        prompt = self._prompts.setdefault(prompt, prompt)
-        # What rows share (params and meta by identity: rows share the very objects,
-        # from defaults and aliases), found once: its place in the table, and the parts
-        # of the request's canonical text around the prompt and seed.
+        kind = self._kind(image, image_path, fmt, params, meta, extra)
+        self._append_row(line, explicit_id, kind, prompt, seed)
+
+    def _kind(
+        self,
+        image: str,
+        image_path: Path | None,
+        fmt: str,
+        params: Mapping[str, Any],
+        meta: Mapping[str, Any],
+        extra: tuple[tuple[str, Path | None], ...],
+    ) -> tuple[int, str, str]:
+        """What rows share (params and meta by identity: rows share the very objects, from
+        defaults and aliases), found once: its place in the table, and the parts of the
+        request's canonical text around the prompt and seed."""
         shared = (image, image_path, fmt, id(params), id(meta), extra)
         found = self._kinds.get(shared)
         if found is None:
@@ -938,8 +956,22 @@ class _Builder:
                 texts = self._texts[shared[:4]] = (head, tail + self._params_json(params) + "]")
             kind = self.rows.add_kind((image, image_path, fmt, params, meta, extra))
             found = self._kinds[shared] = (kind, *texts)
+        return found
+
+    def _append_row(
+        self,
+        line: int | None,
+        explicit_id: str | None,
+        found: tuple[int, str, str],
+        prompt: str,
+        seed: int,
+    ) -> None:
+        shared = self._prompts.get(prompt)
+        if shared is None:
+            shared = self._prompts[prompt] = (prompt, _json_str(prompt))
+        prompt, prompt_text = shared
         kind, head, tail = found
-        digest = _digest(head, prompt, seed, tail)
+        digest = _digest_encoded(head, prompt_text, seed, tail)
         row_id = explicit_id or self._derived_id(digest.hex())
         self.rows.append(row_id, prompt, seed, digest, line, kind)
 
@@ -950,24 +982,44 @@ class _Builder:
         fields = raw.fields
         if not fields.keys() <= _PLAIN_FIELDS:
             return False
-        image, prompt = fields.get("image"), fields.get("prompt")
-        if type(image) is not str or type(prompt) is not str:
+        get = fields.get
+        return self.add_values(
+            raw.line,
+            get("id"),
+            get("image"),
+            get("prompt"),
+            get("seed", -1),
+            get("output_format", "jpeg"),
+            raw.key_lines,
+        )
+
+    def add_values(
+        self,
+        line: int | None,
+        explicit: Any,
+        image: Any,
+        prompt: Any,
+        seed: Any,
+        fmt: Any,
+        key_lines: Mapping[str, int] = _NO_LINES,
+    ) -> bool:
+        """``_add_plain`` given the row's values (a CSV record's cells need no dict): True
+        when the row was valid and added, False to send it down the general path."""
+        if (
+            self._planned >= MAX_ROWS
+            or type(prompt) is not str
+            or type(image) is not str
+            or fmt not in OUTPUT_FORMATS
+        ):
             return False
         if prompt not in self._prompts and (  # a prompt a row already had passed these
             not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS or _SURROGATE.search(prompt)
         ):
             return False
-        if self._planned >= MAX_ROWS:
-            return False
-        seed = fields.get("seed", -1)
         if type(seed) is str and _SEED_TEXT.fullmatch(seed):
             seed = int(seed)
         if type(seed) is not int or not SEED_MIN <= seed <= SEED_MAX:
             return False
-        fmt = fields.get("output_format", "jpeg")
-        if fmt not in OUTPUT_FORMATS:
-            return False
-        explicit = fields.get("id")
         if explicit is not None and (
             type(explicit) is not str
             or not ID_PATTERN.fullmatch(explicit)
@@ -975,20 +1027,22 @@ class _Builder:
             or explicit in self._explicit_ids
         ):
             return False
-        checked = self._ref_checks.get(image)  # only images already found good
-        if checked is None or checked[1]:
-            return False
-        image_path, image = checked[0], checked[2]  # one string for the rows that share it
-        if image_path is False:
-            return False
+        plain = self._plain_kinds.get((image, fmt))
+        if plain is None:
+            checked = self._ref_checks.get(image)  # only images already found good
+            if checked is None or checked[1] or checked[0] is False:
+                return False
+            path = checked[0] if isinstance(checked[0], Path) else None
+            # One string for the rows that share it.
+            kind = self._kind(checked[2], path, fmt, _EMPTY, _EMPTY, ())
+            plain = self._plain_kinds[(image, fmt)] = (kind, path, checked[2])
         if explicit is not None:
-            self._explicit_ids[explicit] = raw.key_lines.get("id", raw.line)
+            self._explicit_ids[explicit] = key_lines.get("id", line)
         self._planned += 1
-        path = image_path if isinstance(image_path, Path) else None
         if self._plans:  # an earlier row expands: this one waits its turn
-            self._plans.append((raw.line, explicit, image, path, prompt, seed, fmt))
+            self._plans.append((line, explicit, plain[2], plain[1], prompt, seed, fmt))
         else:
-            self._append(raw.line, explicit, image, path, prompt, seed, fmt, _EMPTY, _EMPTY)
+            self._append_row(line, explicit, plain[0], prompt, seed)
         return True
 
     def _one_or_many(
@@ -1401,8 +1455,18 @@ def _jsonl_rows(path: Path, text: str, problems: list[Problem]) -> Iterator[_Raw
         yield _RawRow(item, number)
 
 
-def _csv_rows(path: Path, text: str, problems: list[Problem]) -> Iterator[_RawRow]:
-    """Each row as read, one at a time; problems go to ``problems`` as found."""
+_PlainTaker = Callable[[int, "str | None", str, str, "str | int", str], bool]
+
+
+def _csv_rows(
+    path: Path, text: str, problems: list[Problem], take: _PlainTaker | None = None
+) -> Iterator[_RawRow]:
+    """Each row as read, one at a time; problems go to ``problems`` as found.
+
+    ``take`` (the builder's ``add_values``) is offered each record's cells first when
+    the columns are plain ones: a record it takes is not yielded, and a million such
+    records build no dict. One it refuses (a cell to trim, an empty one, anything wrong)
+    is yielded as always, and the general path reads and reports it."""
     source = str(path)
     reader = csv.reader(_text_lines(text, ""), strict=True)
     try:
@@ -1429,6 +1493,14 @@ def _csv_rows(path: Path, text: str, problems: list[Problem]) -> Iterator[_RawRo
     rows = 0
     cell_duplicates: list[str] = []
     cell_decoder = json.JSONDecoder(object_pairs_hook=_strict_object(cell_duplicates))
+    width = len(header)
+    if take is not None and (not set(header) <= _PLAIN_FIELDS or "image" not in header):
+        take = None
+    at = {name: header.index(name) if name in header else width for name in _PLAIN_FIELDS}
+    # An absent column reads as the empty cell past the record's end: "" is "not given".
+    i_id, i_image, i_prompt, i_seed, i_fmt = (
+        at[n] for n in ("id", "image", "prompt", "seed", "output_format")
+    )
     while True:
         line = reader.line_num + 1  # where the record starts: a quoted cell may span lines
         try:
@@ -1439,6 +1511,19 @@ def _csv_rows(path: Path, text: str, problems: list[Problem]) -> Iterator[_RawRo
             # The reader cannot resynchronise after this; keep what was found so far.
             problems.append(Problem(source, line, "csv", f"syntax error in this record: {exc}"))
             break
+        if take is not None and len(values) == width and rows < MAX_ROWS:
+            values.append("")
+            if take(
+                line,
+                values[i_id] or None,
+                values[i_image],
+                values[i_prompt],
+                values[i_seed] or -1,
+                values[i_fmt] or "jpeg",
+            ):
+                rows += 1
+                continue
+            values.pop()
         if not "".join(values).strip():
             continue
         if rows >= MAX_ROWS:
@@ -1522,14 +1607,12 @@ def _load_manifest(path: Path, model: str | None, max_image_bytes: int) -> Manif
         raise ManifestError([Problem(str(path), None, "manifest", reason)])
     text = _read_text(path)
     top: dict[str, Any] = {}
-    raws: Iterable[_RawRow]
+    raws: Iterable[_RawRow] | None = None
     problems: list[Problem] = []
     if suffix in (".yaml", ".yml"):
         top, raws, problems = _yaml_rows(path, text)
     elif suffix == ".jsonl":
         raws = _jsonl_rows(path, text, problems)
-    else:
-        raws = _csv_rows(path, text, problems)
 
     lines = top.key_lines if isinstance(top, _Located) else {}
     manifest_model = top.get("model", DEFAULT_MODEL)
@@ -1581,6 +1664,8 @@ def _load_manifest(path: Path, model: str | None, max_image_bytes: int) -> Manif
     # One list: CSV and JSON Lines rows are read as the builder takes them, and what the
     # reading finds wrong joins what the checks find.
     builder.problems = problems
+    if raws is None:  # a CSV: its plain records go straight to the builder
+        raws = _csv_rows(path, text, problems, builder.add_values)
     for raw in raws:
         builder.add(raw, defaults, dlines)
     rows = builder.finish()

@@ -8,6 +8,7 @@ import io
 import json
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 from batch.client import Client
 from batch.events import Completed, Event, Submitted, encode
@@ -152,3 +153,68 @@ def test_ledger_paths_one_listing(tmp_path: Path) -> None:
     (tmp_path / "ledger.shard-9-of-9.jsonl").mkdir()
     names = [p.name for p in ledger_paths(tmp_path)]
     assert names == ["ledger.jsonl", "ledger.shard-0-of-2.jsonl", "ledger.shard-1-of-2.jsonl"]
+
+
+def _rows_and_problems(path: Path) -> tuple[list[tuple[object, ...]], list[str]]:
+    from batch.errors import ManifestError
+
+    try:
+        rows = load_manifest(path).rows
+    except ManifestError as exc:
+        return [], [str(p) for p in exc.problems]
+    seen = [(r.id, r.fingerprint, r.image, r.image_path, r.prompt, r.seed, r.line) for r in rows]
+    return seen, []
+
+
+def test_plain_csv_cells_read_as_the_general_path_reads_them(tmp_path: Path, monkeypatch) -> None:
+    """CSV records taken from their cells (no dict) give the rows, ids and problems the
+    general path gives, including the cells it must trim, skip or refuse."""
+    make_image(tmp_path / "a.png")
+    make_image(tmp_path / "b.png", (0, 200, 0))
+    cases = {
+        "plain": ["id,image,prompt,seed", "r1,a.png,p1,1", "r2,b.png,p2,2", "r3,a.png,p1,3"],
+        "derived ids, blank and spaced cells": [
+            "image,prompt,seed,output_format,id",
+            "a.png,p,,,",
+            " a.png ,  spaced prompt , 7 , png ,",
+            "a.png,p,1,webp, r9 ",
+            ",,,,",
+            "a.png,p,1,jpeg,",  # the same request again: a second derived id
+            "a.png|b.png,p,1,jpeg,",
+        ],
+        "problems": [
+            "id,image,prompt,seed",
+            "r1,a.png,p,1",
+            "r1,a.png,p,2",  # an id twice
+            "r2,a.png,   ,2",  # a blank prompt
+            "r3,a.png,p,x",  # not a seed
+            "r4,missing.png,p,1",
+            "r5,a.png,p,99999999999999999999",
+            "r6,a.png",  # too few cells
+            "../x,a.png,p,1",
+            "r7,a.png,p,5",
+        ],
+        "no seed column": ["image,prompt", "a.png,p", "b.png,p", "a.png,q"],
+    }
+    from batch.manifest import _Builder
+
+    taken: list[bool] = []
+    real = _Builder.add_values
+
+    def spy(*args: Any, **kwargs: Any) -> bool:
+        taken.append(real(*args, **kwargs))
+        return taken[-1]
+
+    for name, lines in cases.items():
+        path = tmp_path / f"{name.replace(' ', '_').replace(',', '')}.csv"
+        path.write_text("\n".join(lines) + "\n")
+        taken.clear()
+        with monkeypatch.context() as patched:
+            patched.setattr(_Builder, "add_values", spy)
+            fast = _rows_and_problems(path)
+        assert any(taken), f"{name}: no record took the fast path"
+        with monkeypatch.context() as patched:  # every record down the general path
+            patched.setattr("batch.manifest._Builder.add_values", lambda *a, **k: False)
+            general = _rows_and_problems(path)
+        assert fast == general, name
+        assert fast[0] or fast[1], name
