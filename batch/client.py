@@ -362,14 +362,17 @@ class Client:
         put_headers.pop("Authorization", None)
         timeout = self.timeouts.for_request(self.timeouts.upload)
         try:
-            async with self.transport.session.request(
-                method,
-                put_url,
-                data=data,
-                headers=put_headers,
-                timeout=timeout,
-                allow_redirects=False,
-            ) as resp:
+            async with (
+                self.transport.gate,
+                self.transport.session.request(
+                    method,
+                    put_url,
+                    data=data,
+                    headers=put_headers,
+                    timeout=timeout,
+                    allow_redirects=False,
+                ) as resp,
+            ):
                 await resp.read()
                 if not 200 <= resp.status < 300:
                     raise ApiError(

@@ -79,9 +79,12 @@ class OutputFetcher:
         timeout = timeouts.for_request(timeouts.download)
         self.transport.metrics.downloads += 1
         try:
-            async with self.transport.session.get(
-                url, headers=headers, timeout=timeout, allow_redirects=False
-            ) as resp:
+            async with (
+                self.transport.gate,
+                self.transport.session.get(
+                    url, headers=headers, timeout=timeout, allow_redirects=False
+                ) as resp,
+            ):
                 if resp.status in (301, 302, 303, 307, 308) and not headers:
                     return None, resp.headers.get("Location", "")
                 if resp.status >= 500 or resp.status in (408, 429):

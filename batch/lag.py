@@ -26,6 +26,7 @@ class LagProbe:
     def __init__(self, step: float = STEP) -> None:
         self.step = step
         self.samples: list[float] = []
+        self.at: list[float] = []  # when each sample was taken, seconds from the start
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -40,10 +41,12 @@ class LagProbe:
 
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()
+        start = loop.time()
         while True:
             before = loop.time()
             await asyncio.sleep(self.step)
             self.samples.append(max(loop.time() - before - self.step, 0.0))
+            self.at.append(before - start)
 
     def figures(self) -> dict[str, Any]:
         ordered = sorted(self.samples)
@@ -60,6 +63,11 @@ class LagProbe:
             "p99_s": at(0.99),
             "max_s": round(ordered[-1], 4),
             "mean_s": round(sum(ordered) / len(ordered), 4),
+            # The ten worst wake-ups, (seconds into the run, lag): where the lag comes from.
+            "worst": sorted(
+                (round(t, 2), round(lag, 4))
+                for lag, t in sorted(zip(self.samples, self.at, strict=True))[-10:]
+            ),
         }
 
 

@@ -16,9 +16,9 @@ the user's limit is exceeded by one, never more, unless the server is seen queue
 
 from __future__ import annotations
 
-import asyncio
 import math
-from collections import deque
+
+from batch.permits import Permits
 
 # Queued tasks beyond the cap, as a share of --concurrency: measured on a lognormal
 # 6 s workload with a server cap of 20 (README, "Speed and scale"), 10% recovered half
@@ -31,16 +31,15 @@ def default_ahead(concurrency: int) -> int:
     return min(max(1, math.ceil(concurrency * AHEAD_SHARE)), AHEAD_MAX)
 
 
-class Slots:
+class Slots(Permits):
     """Permits for tasks on the server; a job holds one from its submit to its result."""
 
     def __init__(self, concurrency: int, ahead: int | None = None) -> None:
+        super().__init__()
         self.running = max(1, concurrency)
         self.ahead_max = default_ahead(self.running) if ahead is None else max(0, ahead)
         # One probe from the start: it is how the server gets to show that it queues.
         self.ahead = min(1, self.ahead_max)
-        self.held = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
     def workers(self) -> int:
@@ -61,23 +60,6 @@ class Slots:
         """Tasks beyond ``--concurrency``: waiting on the server once it is seen queueing."""
         return max(0, self.held - self.running) if self.queueing else 0
 
-    async def acquire(self) -> None:
-        while self.held >= self.capacity:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                # A wake-up handed to a cancelled waiter must not be lost.
-                if waiter.done() and not waiter.cancelled():
-                    self._wake()
-                raise
-        self.held += 1
-
-    def release(self) -> None:
-        self.held -= 1
-        self._wake()
-
     def saw_queued(self) -> bool:
         """A poll answered ``created`` (queued): is this the news that the server queues?
 
@@ -86,13 +68,5 @@ class Slots:
         if self.ahead >= self.ahead_max or self.held <= self.running:
             return False
         self.ahead = self.ahead_max
-        for _ in range(self.ahead_max):
-            self._wake()
+        self.widened(self.ahead_max)
         return True
-
-    def _wake(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return

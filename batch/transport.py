@@ -19,6 +19,7 @@ import aiohttp
 
 from batch import __version__
 from batch.errors import ApiError, AuthError, OutputError, UsageError
+from batch.gate import RequestGate
 from batch.metrics import Metrics
 from batch.redact import redact_text
 from batch.retry import parse_retry_after
@@ -211,6 +212,7 @@ class Transport:
         self.timeouts = timeouts or Timeouts()
         self.metrics = metrics or Metrics()
         self._connections = connections
+        self.gate = RequestGate(connections)  # every request to any origin passes it
         self._session: aiohttp.ClientSession | None = None
         self.identity = {
             "User-Agent": f"wsbatch/{__version__}",
@@ -232,6 +234,7 @@ class Transport:
             )
 
     async def close(self) -> None:
+        await self.gate.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -269,14 +272,17 @@ class Transport:
             headers["Content-Type"] = "application/json"
         self.metrics.requests += 1
         try:
-            async with self.session.request(
-                method,
-                self.base_url + path,
-                data=json.dumps(json_body) if json_body is not None else data,
-                headers=headers,
-                timeout=self.timeouts.for_request(read_timeout),
-                allow_redirects=False,
-            ) as resp:
+            async with (
+                self.gate,
+                self.session.request(
+                    method,
+                    self.base_url + path,
+                    data=json.dumps(json_body) if json_body is not None else data,
+                    headers=headers,
+                    timeout=self.timeouts.for_request(read_timeout),
+                    allow_redirects=False,
+                ) as resp,
+            ):
                 body = await read_capped(resp, max_bytes, what)
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")

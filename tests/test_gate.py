@@ -1,0 +1,75 @@
+"""The request gate: fewer requests open at once while the event loop runs late."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from batch.client import Client
+from batch.gate import LATE, ON_TIME, RequestGate
+from tests.conftest import API_KEY
+
+
+def test_a_late_loop_halves_the_gate_down_to_its_least() -> None:
+    """Each late wake-up halves the limit; it never goes below ``least``."""
+    gate = RequestGate(512, least=32)
+    limits = []
+    for _ in range(6):
+        gate.adjust(LATE * 2)
+        limits.append(gate.limit)
+    assert limits == [256, 128, 64, 32, 32, 32]
+    assert gate.narrowed == 4
+
+
+def test_the_gate_widens_only_while_requests_wait_and_wakes_them() -> None:
+    """A punctual loop widens the gate (an eighth at a time, up to the pool's size) only
+    when requests wait at it, and the room it adds wakes that many of them."""
+
+    async def scenario() -> tuple[int, int, int, int]:
+        gate = RequestGate(40, least=8)
+        gate.limit = 8
+        gate.adjust(ON_TIME / 2)
+        idle = gate.limit  # nobody waits: no reason to widen
+        holders = [asyncio.create_task(gate.acquire()) for _ in range(60)]
+        await asyncio.sleep(0)
+        admitted = gate.held
+        gate.adjust(ON_TIME / 2)  # 8 + 8 // 8
+        await asyncio.sleep(0)
+        widened = gate.held
+        for _ in range(40):
+            gate.adjust(ON_TIME / 2)
+        await asyncio.sleep(0)
+        most = gate.held
+        for task in holders:
+            task.cancel()
+        await asyncio.gather(*holders, return_exceptions=True)
+        return idle, admitted, widened, most
+
+    idle, admitted, widened, most = asyncio.run(scenario())
+    assert (idle, admitted, widened, most) == (8, 8, 9, 40)
+
+
+async def test_a_blocked_loop_narrows_the_gate_and_every_request_is_answered(
+    emulator,
+) -> None:
+    """Requests made while something holds the loop in turns still all get answers, and
+    the gate narrows instead of letting every one of them be open at once."""
+    async with Client(emulator.base_url, API_KEY, connections=128) as client:
+        gate = client.transport.gate
+        busy = True
+
+        async def hog() -> None:
+            while busy:
+                time.sleep(3 * LATE)  # noqa: ASYNC251 - holds the loop, on purpose
+                await asyncio.sleep(0.01)
+
+        hogging = asyncio.create_task(hog())
+        try:
+            answers = await asyncio.gather(*(client.balance() for _ in range(600)))
+        finally:
+            busy = False
+            await hogging
+        assert all(a is not None for a in answers)
+        assert gate.narrowed >= 1
+        assert gate.limit < 128
+        assert gate.held == 0 and gate.waiting == 0
