@@ -1455,7 +1455,7 @@ def _jsonl_rows(path: Path, text: str, problems: list[Problem]) -> Iterator[_Raw
         yield _RawRow(item, number)
 
 
-_PlainTaker = Callable[[int, "str | None", str, str, "str | int", str], bool]
+_PlainTaker = Callable[[int, str | None, str, str, str | int, str], bool]
 
 
 def _csv_rows(

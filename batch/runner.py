@@ -48,7 +48,7 @@ from batch.polling import TAIL_LAG_WEIGHT, PollSchedule
 from batch.settle import Settler
 from batch.slots import Slots
 from batch.spend import SpendGuard
-from batch.state import Action, LedgerState, Plan, RowStatus, merge_states, plan_row
+from batch.state import Action, LedgerState, Plan, RowStatus, merge_states, plan_row, retire
 from batch.stop import Stopped, StopSignal
 from batch.uploads import UploadCache
 
@@ -468,6 +468,7 @@ class Runner:
             finally:
                 self.progress.in_flight -= 1
                 self._count(row.id)
+                retire(self.state, row.id)  # a fresh run's memory stays flat in its rows
                 self._emit()
 
     def _count(self, row_id: str) -> None:

@@ -152,10 +152,7 @@ class LedgerState:
         self.corrupt_lines += 1
         self.damage.append(Damage(line, row, reason))
         if row is not None:
-            known = self.rows.get(row)
-            if known is None:
-                known = self.rows[row] = RowState()
-            known.damaged = True
+            own_row(self, row).damaged = True
 
     @property
     def spend(self) -> float:
@@ -272,9 +269,7 @@ def apply(
             keep_last,
         )
         return
-    row = state.rows.get(event.row)
-    if row is None:
-        row = state.rows[event.row] = RowState()
+    row = own_row(state, event.row)
     row.ts = ts
     if isinstance(event, Submitting):
         if row.intent is not None:
@@ -374,9 +369,7 @@ def apply_completed(
     fingerprint): what ``apply`` does with a ``Completed``, and what a ledger read does
     with a checked ``completed`` line without building the event (``completed_facts``)."""
     row_id, pid, outputs, seed, fingerprint = facts
-    row = state.rows.get(row_id)
-    if row is None:
-        row = state.rows[row_id] = RowState()
+    row = own_row(state, row_id)
     row.ts = ts
     open_intent = row.intent
     price = _close_intent(state, row)
@@ -391,6 +384,37 @@ def apply_completed(
     row.task_status = "completed"
     row.error = row.code = None
     row.retryable = False
+
+
+# The one state of every row this run completed and let go of (``retire``): read-only,
+# and ``own_row`` gives a row its own state again should an event about it come later.
+FINISHED = RowState(base=RowStatus.COMPLETED, task_status="completed")
+
+
+def own_row(state: LedgerState, row_id: str) -> RowState:
+    """The row's state to change: a new one for a row not seen yet, and a copy of what
+    is still known (completed) for a row let go of."""
+    row = state.rows.get(row_id)
+    if row is None:
+        row = state.rows[row_id] = RowState()
+    elif row is FINISHED:
+        row = state.rows[row_id] = RowState(base=RowStatus.COMPLETED, task_status="completed")
+    return row
+
+
+def retire(state: LedgerState, row_id: str) -> None:
+    """Let go of what is known of a row this run completed: its line is on disk, and for
+    the rest of the run only its status counts (planning never hands a row out twice).
+    A million finished rows would otherwise keep about 550 bytes each. A row with an
+    open intent or a damaged line keeps its state."""
+    row = state.rows.get(row_id)
+    if (
+        row is not None
+        and row.base is RowStatus.COMPLETED
+        and row.intent is None
+        and not row.damaged
+    ):
+        state.rows[row_id] = FINISHED
 
 
 def merge_states(states: list[LedgerState]) -> LedgerState:
@@ -464,7 +488,7 @@ def plan_row(
 def is_done(state: RowState, fingerprint: str, files: set[str]) -> bool:
     """Completed for this very request, every output on disk: the plan most rows of a
     resume get, told without making one."""
-    return (
+    return state is FINISHED or (
         state.base is RowStatus.COMPLETED
         and state.intent is None
         and (state.fingerprint is None or state.fingerprint == fingerprint)

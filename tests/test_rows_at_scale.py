@@ -178,3 +178,49 @@ def test_validate_prices_rows_to_submit_without_making_them(tmp_path: Path, monk
     counts, _, to_submit = plan_manifest(manifest, tmp_path / "out", retry_failed=False)
     assert counts["submit"] == 30 and len(to_submit) == 30 and made == [0]
     assert isinstance(to_submit, RowTable) and to_submit.ids == manifest.rows.ids  # type: ignore[attr-defined]
+
+
+def test_a_run_lets_go_of_the_rows_it_completes(run, images, write_manifest, monkeypatch):
+    """Each row a run completes ends as the one shared FINISHED state (its facts are on
+    disk), so a fresh run's memory does not grow with its rows; a resume finds all done."""
+    import batch.runner as runner_module
+    from batch.state import FINISHED
+
+    seen: list[LedgerState] = []
+    real = runner_module.retire
+
+    def spy(state: LedgerState, row_id: str) -> None:
+        seen.append(state)
+        real(state, row_id)
+
+    monkeypatch.setattr(runner_module, "retire", spy)
+    rows = [{"id": f"r{n}", "image": str(images[n % 4]), "prompt": f"p{n}"} for n in range(12)]
+    manifest = write_manifest(rows)
+    first = run(manifest, "--concurrency", "4")
+    assert first.code == 0, first.err
+    state = seen[-1]
+    assert sorted(state.rows) == sorted(r["id"] for r in rows)
+    assert all(row is FINISHED for row in state.rows.values())
+    again = run(manifest)
+    assert again.code == 0 and again.summary["already_done"] == 12
+    assert again.summary["submitted"] == 0
+
+
+def test_an_event_about_a_let_go_row_gives_it_its_own_state() -> None:
+    """A later event about a finished row changes that row alone, never the shared state."""
+    from batch.events import Failed
+    from batch.state import FINISHED, retire
+
+    state = LedgerState()
+    for n in range(2):
+        apply(state, Completed(f"r{n}", f"p{n}", (f"r{n}.jpeg",), sha256=("s",)), {})
+        retire(state, f"r{n}")
+    assert state.rows["r0"] is FINISHED and state.rows["r1"] is FINISHED
+    apply(state, Failed(row="r0", error="gone", retryable=True, code="gone"), {})
+    assert state.rows["r0"] is not FINISHED and state.rows["r0"].status is RowStatus.FAILED
+    assert state.rows["r1"] is FINISHED
+    assert FINISHED.status is RowStatus.COMPLETED and FINISHED.error is None
+    # A row with an open intent or a damaged line keeps what is known of it.
+    apply(state, Submitting(row="r2", seed=1, intent="i2", price=0.024), {})
+    retire(state, "r2")
+    assert state.rows["r2"] is not FINISHED

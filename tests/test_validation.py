@@ -7,9 +7,12 @@ through both commands as a real subprocess against a live emulator.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -273,8 +276,18 @@ def _wsbatch(*args: str | Path) -> Measured:
     # Module fixtures run before the autouse env fixture: pass the key explicitly.
     env = subprocess_env(WAVESPEED_API_KEY=API_KEY, WSBATCH_ZERO_BACKOFF="1")
     cmd = wsbatch_cmd(*[str(a) for a in args])
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        usage_file = Path(handle.name)
+    # Through a small launcher: a child forked from this (possibly large) test worker
+    # would report the worker's peak RSS as its own.
+    launch = [sys.executable, "-m", "tests.launch", str(usage_file), *cmd]
     proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        launch,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert proc.stdout is not None and proc.stderr is not None
     streams: dict[str, bytes] = {}
@@ -287,18 +300,19 @@ def _wsbatch(*args: str | Path) -> Measured:
     timer = threading.Timer(60, proc.kill)
     timer.start()
     try:
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc.wait()
     finally:
         timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
     for reader in readers:
         reader.join()
     proc.stdout.close()
     proc.stderr.close()
     out, err = (streams[n].decode(errors="replace") for n in ("out", "err"))
     result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    usage = json.loads(usage_file.read_text())
+    usage_file.unlink()
     # ru_maxrss is in kilobytes on Linux
-    return Measured(result, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
+    return Measured(result, usage["cpu_s"], usage["maxrss_kb"] / 1024)
 
 
 @pytest.fixture(scope="module")
