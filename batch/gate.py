@@ -16,12 +16,9 @@ sends nothing.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
+from batch.lag import STEP, LagProbe
 from batch.permits import Permits
 
-STEP = 0.05  # how often the loop's lateness is looked at, seconds
 LATE = 0.04  # a wake-up this late narrows the gate
 ON_TIME = 0.01  # one this punctual lets it widen again, while requests wait
 LEAST = 32
@@ -36,26 +33,20 @@ class RequestGate(Permits):
         self.least = max(1, min(least, self.most))
         self.limit = self.most
         self.narrowed = 0  # times the loop ran late enough to narrow the gate
-        self._watch: asyncio.Task[None] | None = None
+        # The loop's lateness, looked at every STEP seconds, kept nowhere.
+        self._watch = LagProbe(STEP, on_sample=self.adjust, keep=False)
 
     @property
     def capacity(self) -> int:
         return self.limit
 
     async def __aenter__(self) -> None:
-        if self._watch is None:
-            self._watch = asyncio.get_running_loop().create_task(self._keep_time())
+        if not self._watch.running:
+            self._watch.start()
         await self.acquire()
 
     async def __aexit__(self, *exc: object) -> None:
         self.release()
-
-    async def _keep_time(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            before = loop.time()
-            await asyncio.sleep(STEP)
-            self.adjust(loop.time() - before - STEP)
 
     def adjust(self, late: float) -> None:
         """Narrow the gate after a wake-up ``late`` seconds late; widen it after a
@@ -69,8 +60,4 @@ class RequestGate(Permits):
             self.widened(self.limit - before)
 
     async def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-            self._watch = None
+        await self._watch.stop()

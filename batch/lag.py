@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,26 @@ STEP = 0.05
 
 
 class LagProbe:
-    """A ticker sleeping ``step`` seconds at a time; each wake-up's lateness is a sample."""
+    """A ticker sleeping ``step`` seconds at a time; each wake-up's lateness is a sample,
+    kept for ``figures`` (``keep``) and handed to ``on_sample`` (the request gate's)."""
 
-    def __init__(self, step: float = STEP) -> None:
+    def __init__(
+        self,
+        step: float = STEP,
+        *,
+        on_sample: Callable[[float], None] | None = None,
+        keep: bool = True,
+    ) -> None:
         self.step = step
         self.samples: list[float] = []
         self.at: list[float] = []  # when each sample was taken, seconds from the start
+        self._on_sample = on_sample
+        self._keep = keep
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._tick(), name="lag-probe")
@@ -45,8 +58,12 @@ class LagProbe:
         while True:
             before = loop.time()
             await asyncio.sleep(self.step)
-            self.samples.append(max(loop.time() - before - self.step, 0.0))
-            self.at.append(before - start)
+            late = max(loop.time() - before - self.step, 0.0)
+            if self._keep:
+                self.samples.append(late)
+                self.at.append(before - start)
+            if self._on_sample is not None:
+                self._on_sample(late)
 
     def figures(self) -> dict[str, Any]:
         ordered = sorted(self.samples)

@@ -586,14 +586,26 @@ def run_all(args: argparse.Namespace) -> list[Check]:
             _build_in_child(manifest, out)
             step("resume, all done", lambda: measure_resume(manifest, out, args.rows))
             step("status", lambda: measure_status(out, args.rows))
+        runs: list[RunFigures] = []
         if args.fresh_rows:
             print("  [scale] fresh runs", file=sys.stderr, flush=True)
             fresh, runs = measure_fresh_memory(
                 work, args.fresh_rows, args.fresh_concurrency, args.latency
             )
             checks.append(fresh)
-            if not args.no_sdk:
-                step("the SDK", lambda: measure_sdk_cpu(work, runs[0], args.latency))
+        if not args.no_sdk:
+            # CPU per task at the SDK's scale: a pool of 1,000 threads on 2,000 rows.
+            ours = next((r for r in runs if r.rows == args.cpu_rows), None) if runs else None
+            if ours is None:
+                ours = fresh_run(
+                    work,
+                    args.cpu_rows,
+                    args.fresh_concurrency,
+                    args.latency,
+                    1024,
+                    f"fresh{args.cpu_rows}",
+                )
+            step("the SDK", lambda: measure_sdk_cpu(work, ours, args.latency))
         if args.in_flight:
             step(
                 f"{args.in_flight} in flight",
@@ -627,7 +639,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rows", type=int, default=1_000_000, help="validate/resume/status rows; 0 skips"
     )
-    parser.add_argument("--fresh-rows", type=_pair, default=(2000, 8000), help="A,B; 0 skips")
+    parser.add_argument("--fresh-rows", type=_pair, default=(10_000, 50_000), help="A,B; 0 skips")
+    parser.add_argument(
+        "--cpu-rows", type=int, default=2000, help="rows of the CPU comparison with the SDK"
+    )
     parser.add_argument("--fresh-concurrency", type=int, default=1000)
     parser.add_argument("--no-sdk", action="store_true", help="skip the SDK's CPU comparison")
     parser.add_argument("--in-flight", type=int, default=10_000, help="tasks in flight; 0 skips")
