@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +21,13 @@ def main() -> int:
     proc = subprocess.Popen(cmd)  # stdin, stdout and stderr are ours
     _, status, usage = os.wait4(proc.pid, 0)
     cpu = usage.ru_utime + usage.ru_stime
-    result.write_text(json.dumps({"cpu_s": cpu, "maxrss_kb": usage.ru_maxrss}))
+    figures = {"user_s": usage.ru_utime, "sys_s": usage.ru_stime, "maxrss_kb": usage.ru_maxrss}
+    result.write_text(json.dumps({"cpu_s": cpu, **figures}))
     code = os.waitstatus_to_exitcode(status)
-    return code if code >= 0 else 128 - code
+    if code < 0:  # ended by a signal: end by the same one, so our parent sees it too
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return code
 
 
 if __name__ == "__main__":

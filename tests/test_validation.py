@@ -280,14 +280,13 @@ def _wsbatch(*args: str | Path) -> Measured:
         usage_file = Path(handle.name)
     # Through a small launcher: a child forked from this (possibly large) test worker
     # would report the worker's peak RSS as its own.
-    launch = [sys.executable, "-m", "tests.launch", str(usage_file), *cmd]
+    launch = [sys.executable, str(Path(__file__).with_name("launch.py")), str(usage_file), *cmd]
     proc = subprocess.Popen(
         launch,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
-        cwd=Path(__file__).resolve().parents[1],
     )
     assert proc.stdout is not None and proc.stderr is not None
     streams: dict[str, bytes] = {}

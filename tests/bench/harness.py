@@ -25,6 +25,7 @@ from typing import Any
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
+LAUNCHER = ROOT / "tests" / "launch.py"
 API_KEY = "bench-key-not-secret"
 RESULTS_DIR = ROOT / "output" / "bench"
 # Settings that would change wsbatch's defaults (tests set them); the bench uses the defaults.
@@ -114,16 +115,20 @@ def run_measured(
     with (
         tempfile.TemporaryFile() as out,
         tempfile.TemporaryFile() as err,
+        tempfile.NamedTemporaryFile(suffix=".json") as usage_file,
     ):
         start = time.perf_counter()
+        # Through a small launcher, in a session of its own: a child forked from this
+        # process (grown by the figures it parsed) would report this one's peak RSS.
         proc = subprocess.Popen(
-            list(cmd),
+            [sys.executable, str(LAUNCHER), usage_file.name, *cmd],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
             env=env if env is not None else child_env(),
             cwd=cwd,
             preexec_fn=preexec_fn,
+            start_new_session=True,
         )
         reason: list[str] = []
         finished = threading.Event()
@@ -136,9 +141,10 @@ def run_measured(
                     why = f"timed out after {timeout:g} s"
                 if why is not None:
                     reason.append(why)
-                    # os.kill, not proc.kill: Popen would reap the child behind wait4's back.
+                    # The launcher and the command (os.killpg, not proc.kill: Popen
+                    # would reap the child behind wait4's back).
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(proc.pid, signal.SIGKILL)
+                        os.killpg(proc.pid, signal.SIGKILL)
                     return
 
         guard = threading.Thread(target=watchdog, daemon=True)
@@ -152,12 +158,17 @@ def run_measured(
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
+        try:  # the command's own figures, as the launcher had them from wait4
+            own = json.loads(Path(usage_file.name).read_text())
+            user_s, sys_s, maxrss_kb = own["user_s"], own["sys_s"], own["maxrss_kb"]
+        except (ValueError, KeyError):  # killed before it could write them
+            user_s, sys_s, maxrss_kb = usage.ru_utime, usage.ru_stime, usage.ru_maxrss
         return Measured(
             returncode=proc.returncode,
             wall_s=wall,
-            user_s=usage.ru_utime,
-            sys_s=usage.ru_stime,
-            maxrss_mb=usage.ru_maxrss / 1024.0,  # kilobytes on Linux
+            user_s=user_s,
+            sys_s=sys_s,
+            maxrss_mb=maxrss_kb / 1024.0,  # kilobytes on Linux
             stdout=out.read().decode(errors="replace"),
             stderr=err.read().decode(errors="replace"),
             aborted=reason[0] if reason else None,

@@ -584,6 +584,9 @@ def run_all(args: argparse.Namespace) -> list[Check]:
             step(f"validate {args.rows} rows", lambda: measure_validate(manifest, args.rows))
             print("  [scale] building the finished folder", file=sys.stderr, flush=True)
             _build_in_child(manifest, out)
+            # A resume comes long after the run that wrote the folder: not while the
+            # kernel is still writing that run's half a gigabyte out.
+            os.sync()
             step("resume, all done", lambda: measure_resume(manifest, out, args.rows))
             step("status", lambda: measure_status(out, args.rows))
         runs: list[RunFigures] = []
