@@ -37,6 +37,7 @@ class LagProbe:
         self._on_sample = on_sample
         self._keep = keep
         self._task: asyncio.Task[None] | None = None
+        self._halted: asyncio.Task[None] | None = None
 
     @property
     def running(self) -> bool:
@@ -44,6 +45,13 @@ class LagProbe:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._tick(), name="lag-probe")
+
+    def halt(self) -> None:
+        """Stop ticking without waiting for it (its own ``on_sample`` may call this)."""
+        if self._task is not None:
+            self._task.cancel()
+            self._halted = self._task  # referenced until it ends
+            self._task = None
 
     async def stop(self) -> None:
         if self._task is not None:

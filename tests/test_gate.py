@@ -73,3 +73,13 @@ async def test_a_blocked_loop_narrows_the_gate_and_every_request_is_answered(
         assert gate.narrowed >= 1
         assert gate.limit < 128
         assert gate.held == 0 and gate.waiting == 0
+
+
+async def test_a_few_requests_at_a_time_run_no_ticker(emulator) -> None:
+    """Below ``least`` open requests the gate cannot narrow, so nothing wakes the loop
+    twenty times a second for it (a slow, rate-limited run pays for every wake-up)."""
+    async with Client(emulator.base_url, API_KEY, connections=128) as client:
+        gate = client.transport.gate
+        for _ in range(3):
+            await asyncio.gather(*(client.balance() for _ in range(gate.least - 1)))
+        assert not gate._watch.running
