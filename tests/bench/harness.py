@@ -106,8 +106,14 @@ def run_measured(
     timeout: float = 600.0,
     preexec_fn: Callable[[], None] | None = None,
     abort_if: Callable[[], str | None] | None = None,
+    own_rss: bool = False,
 ) -> Measured:
     """Run ``cmd`` to completion; CPU and peak RSS come from ``wait4`` on exactly that child.
+
+    ``own_rss`` starts it through a small launcher (``tests/launch.py``): a child forked
+    from this process, once grown by the figures it parsed, reports this one's peak RSS
+    as its own. Off for the SDK's thread pool, which ran several times slower now and
+    then under the launcher (not understood; noted in the README).
 
     The child is killed after ``timeout`` seconds, or as soon as ``abort_if`` returns a
     reason (checked every half second), e.g. because the server it talks to died.
@@ -118,17 +124,16 @@ def run_measured(
         tempfile.NamedTemporaryFile(suffix=".json") as usage_file,
     ):
         start = time.perf_counter()
-        # Through a small launcher, in a session of its own: a child forked from this
-        # process (grown by the figures it parsed) would report this one's peak RSS.
+        launch = [sys.executable, str(LAUNCHER), usage_file.name] if own_rss else []
         proc = subprocess.Popen(
-            [sys.executable, str(LAUNCHER), usage_file.name, *cmd],
+            [*launch, *cmd],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
             env=env if env is not None else child_env(),
             cwd=cwd,
             preexec_fn=preexec_fn,
-            start_new_session=True,
+            process_group=0,  # a group of its own to kill, in our session (and its CPU share)
         )
         reason: list[str] = []
         finished = threading.Event()

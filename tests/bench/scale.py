@@ -240,7 +240,7 @@ def measure_validate(manifest: Path, rows: int) -> Check:
     """``wsbatch validate`` on the whole manifest, into a folder that does not exist."""
     out = manifest.parent / "no-such-out"
     result = run_measured(
-        [*wsbatch_cmd(), "validate", str(manifest), "--out", str(out)], timeout=600
+        [*wsbatch_cmd(), "validate", str(manifest), "--out", str(out)], timeout=600, own_rss=True
     )
     check = _check(f"validate {_k(rows)}-row CSV", result)
     ok = result.returncode == 0 and f"{rows} rows" in result.stdout
@@ -260,7 +260,10 @@ def measure_resume(manifest: Path, out_dir: Path, rows: int) -> Check:
     """``wsbatch run`` where every row is already completed: no request may be sent."""
     with EmulatorProcess((0.0, 0.0), EMULATOR_FLAGS) as emu:
         result = run_measured(
-            wsbatch_run(manifest, emu.base_url, out_dir, 50), timeout=600, abort_if=emu.exited
+            wsbatch_run(manifest, emu.base_url, out_dir, 50),
+            timeout=600,
+            abort_if=emu.exited,
+            own_rss=True,
         )
         stats = emu.state()["stats"]
     requests = sum(int(stats.get(k, 0)) for k in REQUEST_COUNTERS)
@@ -288,7 +291,9 @@ def measure_resume(manifest: Path, out_dir: Path, rows: int) -> Check:
 
 def measure_status(out_dir: Path, rows: int) -> Check:
     """``wsbatch status`` on the finished folder's ledger."""
-    result = run_measured([*wsbatch_cmd(), "status", str(out_dir), "--json"], timeout=600)
+    result = run_measured(
+        [*wsbatch_cmd(), "status", str(out_dir), "--json"], timeout=600, own_rss=True
+    )
     check = _check(f"status, {_k(rows)}-row ledger", result)
     ok = result.returncode == 0
     check.targets = [
@@ -344,6 +349,7 @@ def fresh_run(
             timeout=900,
             preexec_fn=nofile_limiter(nofile),
             abort_if=emu.exited,
+            own_rss=True,
         )
         state = emu.state()
     t = timing(state)
@@ -477,7 +483,7 @@ def measure_sdk_cpu(work: Path, ours: RunFigures, latency: tuple[float, float]) 
 
 
 def _python_step(code: str, *args: str) -> Measured:
-    return run_measured([sys.executable, "-c", code, *args], timeout=900)
+    return run_measured([sys.executable, "-c", code, *args], timeout=900, own_rss=True)
 
 
 def measure_exports(work: Path, counts: tuple[int, int]) -> list[Check]:
@@ -503,6 +509,7 @@ def measure_exports(work: Path, counts: tuple[int, int]) -> list[Check]:
                     str(folder / "parquet"),
                 ],
                 timeout=900,
+                own_rss=True,
             )
         )
         metadata.append(
