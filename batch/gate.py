@@ -52,7 +52,9 @@ class RequestGate(Permits):
 
     def adjust(self, late: float) -> None:
         """Narrow the gate after a wake-up ``late`` seconds late; widen it after a
-        punctual one while requests wait."""
+        punctual one while requests wait. Below ``least`` open requests nothing waits
+        and nothing can be narrowed: stop looking until the run is busy again (the
+        limit it learnt stays for that next burst)."""
         if late > LATE:
             if self.limit > self.least:
                 self.narrowed += 1
@@ -60,8 +62,8 @@ class RequestGate(Permits):
         elif late < ON_TIME and self.waiting and self.limit < self.most:
             before, self.limit = self.limit, min(self.most, self.limit + max(1, self.limit // 8))
             self.widened(self.limit - before)
-        if self.held < self.least and self.limit == self.most:
-            self._watch.halt()  # quiet and wide open: started again when busy
+        if self.held < self.least:
+            self._watch.halt()  # started again by the request that makes it busy
 
     async def close(self) -> None:
         await self._watch.stop()

@@ -21,15 +21,15 @@ def test_a_late_loop_halves_the_gate_down_to_its_least() -> None:
     assert gate.narrowed == 4
 
 
-def test_the_gate_widens_only_while_requests_wait_and_wakes_them() -> None:
-    """A punctual loop widens the gate (an eighth at a time, up to the pool's size) only
-    when requests wait at it, and the room it adds wakes that many of them."""
+def test_the_gate_widens_an_eighth_at_a_time_and_wakes_waiters() -> None:
+    """A punctual loop widens the gate an eighth at a time up to the pool's size, and the
+    room it adds wakes that many waiting requests."""
 
     async def scenario() -> tuple[int, int, int, int]:
         gate = RequestGate(40, least=8)
         gate.limit = 8
-        gate.adjust(ON_TIME / 2)
-        idle = gate.limit  # nobody waits: no reason to widen
+        gate.adjust((LATE + ON_TIME) / 2)  # neither late nor punctual: left as it is
+        idle = gate.limit
         holders = [asyncio.create_task(gate.acquire()) for _ in range(60)]
         await asyncio.sleep(0)
         admitted = gate.held
@@ -47,6 +47,27 @@ def test_the_gate_widens_only_while_requests_wait_and_wakes_them() -> None:
 
     idle, admitted, widened, most = asyncio.run(scenario())
     assert (idle, admitted, widened, most) == (8, 8, 9, 40)
+
+
+def test_a_quiet_gate_stops_looking_and_keeps_what_it_learnt() -> None:
+    """Narrowed, then quiet (fewer than ``least`` open): the ticker stops, so an idle
+    stretch after a burst costs no wake-ups, and the next burst meets the narrowed gate."""
+
+    async def scenario() -> tuple[int, bool]:
+        gate = RequestGate(64, least=8)
+        for _ in range(8):  # ``least`` open: busy enough to look
+            await gate.__aenter__()
+        assert gate._watch.running
+        gate.adjust(LATE * 2)
+        for _ in range(gate.held):
+            await gate.__aexit__()
+        gate.adjust(0.0)
+        await asyncio.sleep(0)
+        limit, running = gate.limit, gate._watch.running
+        await gate.close()
+        return limit, running
+
+    assert asyncio.run(scenario()) == (32, False)
 
 
 async def test_a_blocked_loop_narrows_the_gate_and_every_request_is_answered(
