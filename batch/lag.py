@@ -3,7 +3,8 @@ write how late a ticker woke (p50, p99, max, in seconds) to FILE as JSON at its 
 
 A coroutine that holds the loop delays every poll and every ledger line behind it;
 this is how the benchmark sees that at 10,000 tasks in flight. Off by default: it
-costs a wake-up every ``STEP`` seconds.
+costs a wake-up every ``STEP`` seconds. The request gate (``batch.gate``) runs the same
+ticker, keeping no samples, while a run is busy.
 """
 
 from __future__ import annotations
