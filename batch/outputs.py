@@ -7,7 +7,7 @@ from pathlib import Path
 
 import aiofiles.os
 
-from batch.files import write_atomic_sync
+from batch.files import list_folder, write_atomic_sync
 from batch.images import extension
 
 __all__ = ["existing_files", "output_names", "write_atomic"]
@@ -32,7 +32,5 @@ async def write_atomic(out_dir: Path, name: str, data: bytes) -> None:
 
 
 def existing_files(out_dir: Path) -> set[str]:
-    try:
-        return {e.name for e in os.scandir(out_dir) if e.is_file(follow_symlinks=False)}
-    except FileNotFoundError:
-        return set()
+    """The names of the folder's regular files (outputs among them)."""
+    return list_folder(out_dir, ())[0]
