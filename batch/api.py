@@ -267,7 +267,8 @@ async def run_manifest_async(
     )
     target.mkdir(parents=True, exist_ok=True)
     lock = OutDirLock(target, shard=shard)
-    await asyncio.to_thread(lock.acquire)  # it may wait out a reader's probe
+    # It may wait out a reader's probe; the runner sweeps dead holders with its listing.
+    await asyncio.to_thread(lock.acquire, sweep=False)
     with lock:
         workers = Slots(concurrency, queue_ahead).workers
         async with Client(url, key.value, connections=connection_pool(workers)) as client:

@@ -130,8 +130,8 @@ async def audit(
         for charge in await client.billings(since, until):
             if charge.model is None or charge.model in models:
                 billed[charge.prediction_id] = charge
-    row_tasks = {row.prediction_id for row in state.rows.values() if row.prediction_id}
-    known = state.predictions | row_tasks
+    known = state.predictions
+    known.update(row.prediction_id for row in state.rows.values() if row.prediction_id)
     result.windows = [(_iso(a), _iso(b)) for a, b in windows]
     result.models = models
     result.rows_tasks = len(known)

@@ -89,13 +89,17 @@ class OutDirLock:
         self._fds: list[int] = []
         self._holder: Path | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, *, sweep: bool = True) -> None:
+        """Take the lock. ``sweep=False``: the caller lists the folder anyway, and calls
+        ``sweep_holders`` with that listing while it holds the lock (beside a million
+        outputs each listing takes half a second)."""
         folder = str(self.path.parent)
         self._fds.append(_take(self.path, self.shard is None, folder))
         try:
             if self.shard is not None:
                 self._take_shard(self.shard)
-            _sweep_holders(self.path.parent)
+            if sweep:
+                sweep_holders(self.path.parent)
             self._announce()
         except BaseException:
             self.release()
@@ -196,10 +200,11 @@ def _holder_info(path: Path) -> tuple[str, str] | None:
         os.close(fd)
 
 
-def _sweep_holders(folder: Path) -> None:
-    """Delete pid files of dead runs (called with the folder's lock held)."""
+def sweep_holders(folder: Path, names: Iterable[str] | None = None) -> None:
+    """Delete pid files of dead runs (called with the folder's lock held). ``names``
+    are the folder's, when the caller has listed it already."""
     now = time.time()
-    mine = matching(folder, f"{HOLDER_PREFIX}*")  # one listing for both kinds
+    mine = matching(folder, f"{HOLDER_PREFIX}*", names)  # one listing for both kinds
     for path in [p for p in mine if p.match(HOLDER_GLOB) or p.match(HOLDER_TEMP_GLOB)]:
         with contextlib.suppress(OSError):
             if path.suffix == ".tmp" and now - path.lstat().st_mtime < HOLDER_TEMP_MAX_AGE_S:

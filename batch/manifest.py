@@ -166,6 +166,10 @@ class RowTable(Sequence[Row]):
         self._fps += digest[:16]
         self._kind_of.append(kind)
 
+    def line_at(self, n: int) -> int | None:
+        """The manifest line of the row at ``n`` (None: a row from the command line)."""
+        return self._lines[n] or None
+
     def fingerprints(self) -> Iterator[str]:
         """Each row's fingerprint, in order, made one at a time (in C)."""
         fps, size = self._fps, len(self._fps)
@@ -577,7 +581,12 @@ class _Builder:
         self.rows = RowTable(model, self.source)
         self._kinds: dict[tuple[Any, ...], tuple[int, str, str]] = {}  # see _append
         self._texts: dict[tuple[Any, ...], tuple[str, str]] = {}
-        self._explicit_ids: dict[str, int | None] = {}
+        # Explicit ids, and the line of those whose line the table cannot tell (a plain
+        # CSV row's is its own, in the table): a million line numbers are 30 MB of ints.
+        self._explicit_ids: set[str] = set()
+        self._id_lines: dict[str, int | None] = {}
+        self._id_rows: dict[str, int] = {}  # made on the first duplicate only
+        self._id_rows_upto = 0  # rows of the table in _id_rows
         self._derived_ids: set[str] = set()
         self._derived_seen: dict[str, int] = {}
         self._image_checks: dict[str, str | None] = {}
@@ -1037,7 +1046,10 @@ class _Builder:
             kind = self._kind(checked[2], path, fmt, _EMPTY, _EMPTY, ())
             plain = self._plain_kinds[(image, fmt)] = (kind, path, checked[2])
         if explicit is not None:
-            self._explicit_ids[explicit] = key_lines.get("id", line)
+            self._explicit_ids.add(explicit)
+            at = key_lines.get("id", line)
+            if self._plans or at != line:  # not the line the table gets for it now
+                self._id_lines[explicit] = at
         self._planned += 1
         if self._plans:  # an earlier row expands: this one waits its turn
             self._plans.append((line, explicit, plain[2], plain[1], prompt, seed, fmt))
@@ -1161,13 +1173,26 @@ class _Builder:
                 "starting with a letter or digit, at most 128 characters",
             )
             return None
-        first = self._explicit_ids.get(text, -1)
-        if first != -1:
+        if text in self._explicit_ids:
+            first = self._first_line(text)
             where = f" (first at line {first})" if first else ""
             self.problem(line, "id", f"duplicate id '{text}'{where}")
             return None
-        self._explicit_ids[text] = line
+        self._explicit_ids.add(text)
+        self._id_lines[text] = line
         return text
+
+    def _first_line(self, row_id: str) -> int | None:
+        """The line of the row that took the explicit id ``row_id`` first."""
+        if row_id in self._id_lines:
+            return self._id_lines[row_id]
+        # The table's first row of that id; indexed once, then as the table grows.
+        ids, index = self.rows.ids, self._id_rows
+        for n in range(self._id_rows_upto, len(ids)):
+            index.setdefault(ids[n], n)
+        self._id_rows_upto = len(ids)
+        at = index.get(row_id)
+        return None if at is None else self.rows.line_at(at)
 
     def _derived_id(self, digest: str) -> str:
         base = digest[:12]
@@ -1184,15 +1209,17 @@ class _Builder:
         for plan in self._plans:
             self._make(plan)
         self._plans.clear()
-        all_ids = set(self._explicit_ids) | self._derived_ids
-        for row_id, line in self._explicit_ids.items():
-            if row_id in self._derived_ids:
-                self.problem(line, "id", f"'{row_id}' collides with a derived id")
+        explicit, derived = self._explicit_ids, self._derived_ids
+        for row_id in explicit:
+            if row_id in derived:
+                self.problem(
+                    self._first_line(row_id), "id", f"'{row_id}' collides with a derived id"
+                )
             # A task that returns several images writes <id>-1, <id>-2, ...
             stem, dash, number = row_id.rpartition("-")
-            if dash and number.isdigit() and stem in all_ids:
+            if dash and number.isdigit() and (stem in explicit or stem in derived):
                 self.problem(
-                    line,
+                    self._first_line(row_id),
                     "id",
                     f"'{row_id}' could collide with output {number} of row '{stem}'; "
                     "pick another id",
@@ -1307,7 +1334,7 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise ManifestError([Problem(str(path), line, "manifest", "is not valid UTF-8")]) from None
-    if not text.strip():
+    if not text or text.isspace():  # not strip(): a copy of the whole text
         raise ManifestError([Problem(str(path), None, "manifest", "is empty")])
     return text
 

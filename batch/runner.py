@@ -38,6 +38,7 @@ from batch.ledger import (
     read_ledger,
 )
 from batch.limits import SubmitLimiter
+from batch.lock import HOLDER_PREFIX, sweep_holders
 from batch.manifest import Manifest, Row, RowTable, ids_and_fingerprints, row_ids, shard_of
 from batch.metrics import JsonLog
 from batch.models import known as known_models
@@ -224,12 +225,16 @@ class Runner:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # One listing for the ledgers, the temporary files and the outputs on disk: each
         # takes most of a second beside a million outputs.
-        self._files, names = list_folder(self.out_dir, ("ledger.", TEMP_PREFIX))
+        self._files, names = list_folder(self.out_dir, ("ledger.", TEMP_PREFIX, HOLDER_PREFIX))
         self._listed = True
+        sweep_holders(self.out_dir, names)  # the lock left it to this listing
         ledgers = ledger_paths(self.out_dir, names)
         check_owner(self.out_dir, self.manifest, ledgers)
         remove_temp_files(self.out_dir, names)
         self.load_state(ledgers)
+        # Every id this run is given stays known to its end: a million as strings would
+        # be most of a fresh run's memory.
+        self.state.predictions.keep_small()
 
     # -- the run -------------------------------------------------------------
 

@@ -36,7 +36,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,7 +179,7 @@ class Settler:
             await asyncio.sleep(max(0.0, youngest + self.delay - time.time()))
             async with self._lock:
                 listed = await self._list(model, (doubts[0].at or 0.0) - CLOCK_SKEW_S)
-                known = await self._known() if listed is not None else set()
+                known = await self._known() if listed is not None else []
                 for doubt in doubts:
                     if listed is None:
                         self._defer(_Pending(doubt, model, now))
@@ -247,15 +247,12 @@ class Settler:
         ids = {item.id for item in listed}
         return any(start > after and pid in ids for start, pid in self._answered)
 
-    def _fresh(self, listed: list[Listed], known: set[str], at: float) -> list[Listed]:
+    def _fresh(self, listed: list[Listed], known: list[Container[str]], at: float) -> list[Listed]:
         """Listed tasks no ledger knows or has claimed, created since ``at`` (skew allowed)."""
         return [
             item
             for item in listed
-            if item.id not in known
-            and item.id not in self.state.orphans
-            and item.id not in self.state.predictions
-            and _created(item, at - CLOCK_SKEW_S)
+            if not any(item.id in ids for ids in known) and _created(item, at - CLOCK_SKEW_S)
         ]
 
     async def _adopt(self, doubt: Doubt, pid: str, attempt: int) -> Outcome:
@@ -333,9 +330,10 @@ class Settler:
                 await asyncio.wait_for(self._ended.wait(), left)
         return True
 
-    async def _known(self) -> set[str]:
+    async def _known(self) -> list[Container[str]]:
         others = await asyncio.to_thread(self.others.known_ids)
-        return others | self.state.predictions | self.state.orphans.keys()
+        # This run's own sets as they are, not copies: what it learns meanwhile counts.
+        return [*others, self.state.predictions, self.state.orphans]
 
 
 def _created(item: Listed, since: float) -> bool:

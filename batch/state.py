@@ -29,6 +29,7 @@ from batch.events import (
     SubmitUnknown,
     Uploaded,
 )
+from batch.taskids import TaskIds
 
 NO_RECORD: Mapping[str, Any] = MappingProxyType({})  # one shared "no event kept"
 DEFAULT_PRICE = 0.024
@@ -129,7 +130,7 @@ class LedgerState:
     uploads: dict[str, tuple[str, float, str]] = field(default_factory=dict)
     runs: list[Mapping[str, Any]] = field(default_factory=list)
     finished: list[Mapping[str, Any]] = field(default_factory=list)
-    predictions: set[str] = field(default_factory=set)  # every id any row was given
+    predictions: TaskIds = field(default_factory=TaskIds)  # every id any row was given
     doubts: dict[str, Doubt] = field(default_factory=dict)  # by intent, until settled
     orphans: dict[str, str] = field(default_factory=dict)  # unattributed task id -> row
     price: float = DEFAULT_PRICE  # of the latest run, for events that carry none
@@ -434,7 +435,7 @@ def merge_states(states: list[LedgerState]) -> LedgerState:
         merged.uploads.update(state.uploads)
         merged.runs += state.runs
         merged.finished += state.finished
-        merged.predictions |= state.predictions
+        merged.predictions.update(state.predictions)
         merged.doubts.update(state.doubts)
         merged.orphans.update(state.orphans)
         merged.price = state.price if state.runs else merged.price

@@ -218,3 +218,26 @@ def test_plain_csv_cells_read_as_the_general_path_reads_them(tmp_path: Path, mon
             general = _rows_and_problems(path)
         assert fast == general, name
         assert fast[0] or fast[1], name
+
+
+def test_a_csv_duplicate_id_names_the_first_rows_line_without_keeping_lines(
+    tmp_path: Path,
+) -> None:
+    """Plain CSV rows keep no line number beside their id (a million ints); a duplicate
+    or a colliding id still names the line the table has for the first row."""
+    import pytest
+
+    from batch.errors import ManifestError
+
+    make_image(tmp_path / "a.png")
+    rows = ["id,image,prompt,seed", "x,a.png,p,1", "z,a.png,p,2", "", "q,a.png,p,3"]
+    rows += ["x,a.png,q,4", "z-1,a.png,p,5"]
+    path = tmp_path / "m.csv"
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    found = [(p.line, p.field, p.reason) for p in caught.value.problems]
+    assert found == [
+        (6, "id", "duplicate id 'x' (first at line 2)"),
+        (7, "id", "'z-1' could collide with output 1 of row 'z'; pick another id"),
+    ]
