@@ -199,8 +199,13 @@ def _read_facts(state: LedgerState, text: str, line_no: int) -> int:
             parsed = _parse(raw)
             if parsed is None:
                 state.damaged(line_no, _row_in(raw), "not a JSON object")
-            else:
-                _apply_record(state, parsed, False, line_no)
+                continue
+            ts = parsed.get("ts")
+            if ts == stamp:  # one string for lines written together, as below
+                parsed["ts"] = stamp
+            elif isinstance(ts, str):
+                stamp = ts
+            _apply_record(state, parsed, False, line_no)
             continue
         ts, facts = completed_line_facts(found)
         if ts == stamp:  # lines written together share one stamp: one string for them

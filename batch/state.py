@@ -379,7 +379,8 @@ def apply_completed(
     _outcome(row, record, keep_last, fingerprint, seed)
     row.base = RowStatus.COMPLETED
     if pid:
-        row.prediction_id = pid
+        if row.prediction_id != pid:  # else keep the submitted line's string: one a row
+            row.prediction_id = pid
         state.predictions.add(pid)
     row.outputs = outputs
     row.task_status = "completed"

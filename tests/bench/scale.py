@@ -108,8 +108,10 @@ def write_manifest(work: Path, rows: int, name: str, *, jsonl: bool = False) -> 
 
 
 def build_completed_out(manifest: Path, out_dir: Path, content: bytes = b"") -> int:
-    """An OUT_DIR as a finished run leaves it: a ledger with a ``completed`` event for every
-    row (shaped as the runner writes it) and a file per output holding ``content``.
+    """An OUT_DIR as a finished run leaves it: a ledger with the ``submitting``,
+    ``submitted`` and ``completed`` events of every row, shaped as the runner writes them
+    (three lines a row, as a real run's ledger has), and a file per output holding
+    ``content``.
 
     The manifest is read through the package once, for the fingerprints. The outputs are
     hard links to a few files outside OUT_DIR (a new inode costs far more than a name on
@@ -123,6 +125,9 @@ def build_completed_out(manifest: Path, out_dir: Path, content: bytes = b"") -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
     head = f'{{"ts":"{stamp}","event":"completed","row":'
+    intent_head = f'{{"ts":"{stamp}","event":"submitting","row":'
+    answer_head = f'{{"ts":"{stamp}","event":"submitted","row":'
+    keys = '"request_keys":["prompt","image","seed","output_format"]'
     zeros = "0" * 64
     source = out_dir.parent / f"{out_dir.name}.output"
     with (out_dir / "ledger.jsonl").open("w") as ledger:
@@ -136,15 +141,26 @@ def build_completed_out(manifest: Path, out_dir: Path, content: bytes = b"") -> 
             image_path = str(row.image_path) if row.image_path is not None else None
             # As the runner's encoder writes it: no "meta" key when a row has none.
             meta = f'"meta":{json.dumps(dict(row.meta))},' if row.meta else ""
+            pid, intent, model = f"{n:032x}", f"{n:016x}", json.dumps(row.model)
             lines.append(
-                f'{head}"{row.id}","prediction_id":"p{n}","outputs":["{name}"],'
+                f'{intent_head}"{row.id}","seed":{row.seed},"intent":"{intent}","price":0.024,'
+                f'"fingerprint":"{row.fingerprint}","request_sha":"{zeros}",{keys},'
+                f'"model":{model}}}\n'
+            )
+            lines.append(
+                f'{answer_head}"{row.id}","prediction_id":"{pid}","seed":{row.seed},'
+                f'"attempt":1,"intent":"{intent}","price":0.024,'
+                f'"fingerprint":"{row.fingerprint}"}}\n'
+            )
+            lines.append(
+                f'{head}"{row.id}","prediction_id":"{pid}","outputs":["{name}"],'
                 f'"sha256":["{zeros}"],"nsfw":[false],"inference_ms":1,"seed":{row.seed},'
                 f'{meta}"fingerprint":"{row.fingerprint}",'
                 f'"model":{json.dumps(row.model)},"prompt":{json.dumps(row.prompt)},'
                 f'"image":{json.dumps(redact_url(row.image))},'
                 f'"image_path":{json.dumps(image_path)}}}\n'
             )
-            if len(lines) >= CHUNK:
+            if len(lines) >= 3 * CHUNK:
                 ledger.writelines(lines)
                 lines.clear()
         ledger.writelines(lines)
