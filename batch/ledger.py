@@ -108,9 +108,13 @@ def _chunks(data: bytes) -> Iterator[tuple[int, int, list[dict[str, Any]] | None
             parsed = json.loads(b"[" + body.replace(b"\n", b",") + b"]")
         except ValueError:
             parsed = None
+        # One object a line: a raw newline inside a string (a torn write's bytes, never
+        # the writer's) would otherwise join two lines into one object.
         events = (
             parsed
-            if isinstance(parsed, list) and all(isinstance(e, dict) for e in parsed)
+            if isinstance(parsed, list)
+            and len(parsed) == body.count(b"\n") + 1
+            and all(isinstance(e, dict) for e in parsed)
             else None
         )
         yield start, end + 1, events

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from batch import events, ledger
-from batch.events import Completed
+from batch.events import Completed, Submitted, Submitting
 from batch.events import encode as encode_event
 from batch.ledger import encode, read_ledger
 from batch.state import LedgerState
@@ -19,7 +19,9 @@ ODD: list[Any] = [None, True, False, 0, -1, -0.0, 1.5, 10**30, 2**70, "", "x", '
                   "back\\slash", "tab\there", "é", "\u202e", "\ud83c", [], ["a"], ["a", 1],
                   [True], {}, {"k": 1}, 1e300]  # fmt: skip
 TEXT_SWAPS = [("1,", "1e999,"), ("1,", "01,"), ("1,", "-0,"), (":[", ": ["), ('",', '" ,'),
-              ("false", "null"), ("}", "}}"), ('"seed"', '"Seed"'), ("p", "\\u0070")]  # fmt: skip
+              ("false", "null"), ("}", "}}"), ('"seed"', '"Seed"'), ("p", "\\u0070"),
+              ("0.024", "1e999"), ("0.024", "2E-3"), ("0.024", "-0.024"), ("0.024", "null"),
+              ('"m/x"', "null"), ('"i', '"\\u0069')]  # fmt: skip
 
 
 def _completed(n: int) -> dict[str, Any]:
@@ -29,17 +31,32 @@ def _completed(n: int) -> dict[str, Any]:
     return {"ts": f"2026-01-01T00:00:{n % 60:02d}.000Z", **encode_event(event)}
 
 
+def _submitting(n: int) -> dict[str, Any]:
+    sha = (f"s{n}", ("prompt", "image", "seed")) if n % 3 else (None, ())
+    event = Submitting(f"r{n}", n, f"i{n}", 0.024, f"f{n}", *sha, "m/x" if n % 2 else None)
+    return {"ts": f"2026-01-01T00:00:{n % 60:02d}.000Z", **encode_event(event)}
+
+
+def _submitted(n: int) -> dict[str, Any]:
+    event = Submitted(f"r{n}", f"p{n}", n, 1, f"i{n}", 0.024, f"f{n}", n % 2)
+    return {"ts": f"2026-01-01T00:00:{n % 60:02d}.500Z", **encode_event(event)}
+
+
 def _facts(state: LedgerState) -> Any:
     rows = {
-        k: (r.status, r.fingerprint, r.prediction_id, r.seed, r.outputs, r.ts, r.damaged)
+        k: (r.status, r.fingerprint, r.prediction_id, r.seed, r.outputs, r.ts, r.damaged,
+            r.submits, r.unknown, r.submitted_at, r.intent, r.intent_price)
         for k, r in state.rows.items()
-    }
+    }  # fmt: skip
     damage = [(d.line, d.row, d.reason) for d in state.damage]
-    return rows, damage, state.predictions, state.submits, state.spend, state.open_spend
+    doubts = {k: (d.row, d.price, d.ts, d.request_sha, d.request_keys, d.model, d.seed,
+                  d.fingerprint, d.counted) for k, d in state.doubts.items()}  # fmt: skip
+    money = (state.submits, state.possible_duplicates, state.billed_spend, state.unknown_spend)
+    return rows, damage, doubts, state.predictions, money, state.spend, state.open_spend
 
 
 def _mutated(rng: random.Random, n: int) -> bytes:
-    record = _completed(n)
+    record = rng.choice((_completed, _completed, _submitting, _submitted))(n)
     roll = rng.random()
     if roll < 0.35:
         record[rng.choice([*record, "extra"])] = rng.choice(ODD)
@@ -59,11 +76,12 @@ def _mutated(rng: random.Random, n: int) -> bytes:
 
 
 def test_fast_read_gives_the_full_reads_row_facts(tmp_path: Path):
-    """Seeded mutations of compact ``completed`` lines: reading without records (the fast
-    path) gives the same rows, damage and spend as the full read, line for line."""
+    """Seeded mutations of compact ``submitting``, ``submitted`` and ``completed`` lines:
+    reading without records (the fast path) gives the same rows, doubts, damage and spend
+    as the full read, line for line."""
     path = tmp_path / "ledger.jsonl"
     rng = random.Random(18)
-    for case in range(150):
+    for case in range(400):
         lines = [_mutated(rng, rng.randrange(6)) for _ in range(rng.randrange(1, 12))]
         if rng.random() < 0.3:
             lines.insert(0, b'{"ts":"t","event":"submitting","row":"r1","intent":"i","seed":1}\n')
