@@ -618,3 +618,57 @@ def completed_line_facts(
     else:
         outputs = (names[1:-1],)  # the common case, without a list made and dropped
     return ts, (row, pid, outputs, int(seed) if seed is not None else None, fingerprint)
+
+
+# ``submitting`` and ``submitted`` lines exactly as wsbatch writes them: with the
+# ``completed`` line they are a finished run's ledger, three lines a row. As with
+# COMPLETED_LINE, a line laid out any other way, or a price json reads as infinite
+# (damage), is read in full, damage checks and all.
+_INT_TEXT = r"(-?(?:0|[1-9][0-9]*+))"
+_AMOUNT_TEXT = r"((?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:[eE][-+]?[0-9]++)?)"
+_OPT_BARE = rf"(?:{_BARE}|null)"
+SUBMITTING_LINE = re.compile(
+    r'\{"ts":'
+    + _BARE
+    + r',"event":"submitting","row":'
+    + _BARE
+    + rf',"seed":{_INT_TEXT},"intent":{_BARE},"price":{_AMOUNT_TEXT}'
+    + rf',"fingerprint":{_OPT_BARE}'
+    + rf'(?:,"request_sha":{_OPT_BARE},"request_keys":\[((?:{_NAME}(?:,{_NAME})*+)?)\])?'
+    + rf'(?:,"model":{_OPT_BARE})?\}}'
+)
+SUBMITTED_LINE = re.compile(
+    r'\{"ts":'
+    + _BARE
+    + r',"event":"submitted","row":'
+    + _BARE
+    + rf',"prediction_id":{_BARE},"seed":{_INT_TEXT},"attempt":{_INT_TEXT}'
+    + rf',"intent":{_BARE},"price":(?:{_AMOUNT_TEXT}|null),"fingerprint":{_OPT_BARE}'
+    + rf'(?:,"possible_duplicates":{_INT_TEXT})?\}}'
+)
+# What a ``submitting`` and a ``submitted`` event say, their fields in order (those
+# ``apply`` reads): how the reducer takes them from an event and from a line alike.
+SubmittingFacts = tuple[str, int, str, float, str | None, str | None, tuple[str, ...], str | None]
+SubmittedFacts = tuple[str, str, int, str | None, float | None, str | None, int]
+
+
+def submitting_line_facts(match: re.Match[str]) -> tuple[str, SubmittingFacts] | None:
+    """(ts, the ``Submitting`` fields in order) of a line ``SUBMITTING_LINE`` matched, as
+    ``decode`` would give them; None for a price json reads as infinite."""
+    ts, row, seed, intent, price, fingerprint, sha, keys, model = match.groups()
+    amount = float(price)
+    if not math.isfinite(amount):
+        return None
+    names = tuple(keys[1:-1].split('","')) if keys else ()
+    return ts, (row, int(seed), intent, amount, fingerprint, sha, names, model)
+
+
+def submitted_line_facts(match: re.Match[str]) -> tuple[str, SubmittedFacts] | None:
+    """(ts, the ``Submitted`` fields ``apply`` reads) of a line ``SUBMITTED_LINE``
+    matched, as ``decode`` would give them; None for a price json reads as infinite."""
+    ts, row, pid, seed, _attempt, intent, price, fingerprint, duplicates = match.groups()
+    amount = float(price) if price is not None else None
+    if amount is not None and not math.isfinite(amount):
+        return None
+    lost = max(int(duplicates), 0) if duplicates is not None else 0
+    return ts, (row, pid, int(seed), intent, amount, fingerprint, lost)

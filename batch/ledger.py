@@ -22,16 +22,28 @@ from typing import Any, BinaryIO
 from batch.bulk import gc_paused
 from batch.events import (
     COMPLETED_LINE,
+    SUBMITTED_LINE,
+    SUBMITTING_LINE,
     DamagedLine,
     Event,
     check_shape,
     completed_facts,
     completed_line_facts,
     decode,
+    submitted_line_facts,
+    submitting_line_facts,
 )
 from batch.events import encode as encode_event
 from batch.files import matching
-from batch.state import NO_RECORD, LedgerState, apply, apply_completed, merge_states
+from batch.state import (
+    NO_RECORD,
+    LedgerState,
+    apply,
+    apply_completed,
+    apply_submitted,
+    apply_submitting,
+    merge_states,
+)
 
 LEDGER_NAME = "ledger.jsonl"
 SHARD_LEDGER_GLOB = "ledger.shard-*.jsonl"
@@ -186,37 +198,53 @@ def _text(data: bytes) -> str | None:
 
 def _read_facts(state: LedgerState, text: str, line_no: int) -> int:
     """Apply a block of whole lines when only row facts are wanted (no record is kept):
-    a ``completed`` line as wsbatch writes it is read by ``COMPLETED_LINE`` without
-    parsing it as JSON, any other line as a JSON object, damage checks and all. Returns
-    the number of the block's last line."""
-    match = COMPLETED_LINE.fullmatch
+    a ``submitting``, ``submitted`` or ``completed`` line as wsbatch writes it (a finished
+    run's three lines a row) is read by its pattern without parsing it as JSON or making
+    an event, any other line as a JSON object, damage checks and all. Lines written
+    together share one stamp: one string for them. Returns the block's last line."""
+    completed, intent, answer = (
+        COMPLETED_LINE.fullmatch,
+        SUBMITTING_LINE.fullmatch,
+        SUBMITTED_LINE.fullmatch,
+    )
     lines = text.split("\n")
     lines.pop()  # after the block's last newline
-    stamp = None
+    stamp: str | None = None
     for line in lines:
         line_no += 1
-        found = match(line)
-        if found is None:
-            raw = line.encode()
-            if not raw.strip():
-                continue
-            parsed = _parse(raw)
-            if parsed is None:
-                state.damaged(line_no, _row_in(raw), "not a JSON object")
-                continue
-            ts = parsed.get("ts")
-            if ts == stamp:  # one string for lines written together, as below
-                parsed["ts"] = stamp
-            elif isinstance(ts, str):
-                stamp = ts
-            _apply_record(state, parsed, False, line_no)
+        found = completed(line)
+        if found is not None:
+            ts, facts = completed_line_facts(found)
+            ts = stamp = stamp if ts == stamp else ts
+            apply_completed(state, facts, ts, NO_RECORD, False)
             continue
-        ts, facts = completed_line_facts(found)
-        if ts == stamp:  # lines written together share one stamp: one string for them
-            ts = stamp
-        else:
-            stamp = ts
-        apply_completed(state, facts, ts, NO_RECORD, False)
+        found = intent(line)
+        intent_read = submitting_line_facts(found) if found is not None else None
+        if intent_read is not None:
+            ts, intent_facts = intent_read
+            ts = stamp = stamp if ts == stamp else ts
+            apply_submitting(state, intent_facts, ts)
+            continue
+        found = answer(line) if found is None else None
+        answer_read = submitted_line_facts(found) if found is not None else None
+        if answer_read is not None:
+            ts, answer_facts = answer_read
+            ts = stamp = stamp if ts == stamp else ts
+            apply_submitted(state, answer_facts, ts, NO_RECORD, False)
+            continue
+        raw = line.encode()
+        if not raw.strip():
+            continue
+        parsed = _parse(raw)
+        if parsed is None:
+            state.damaged(line_no, _row_in(raw), "not a JSON object")
+            continue
+        written = parsed.get("ts")
+        if written == stamp:
+            parsed["ts"] = stamp
+        elif isinstance(written, str):
+            stamp = written
+        _apply_record(state, parsed, False, line_no)
     return line_no
 
 

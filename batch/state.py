@@ -25,7 +25,9 @@ from batch.events import (
     SubmitRefused,
     SubmitSettled,
     Submitted,
+    SubmittedFacts,
     Submitting,
+    SubmittingFacts,
     SubmitUnknown,
     Uploaded,
 )
@@ -270,30 +272,18 @@ def apply(
             keep_last,
         )
         return
+    if isinstance(event, Submitting):
+        e = event
+        intent = (e.row, e.seed, e.intent, e.price, e.fingerprint, e.request_sha, e.request_keys)
+        apply_submitting(state, (*intent, e.model), ts)
+        return
+    if isinstance(event, Submitted):
+        answer = (event.row, event.prediction_id, event.seed, event.intent, event.price)
+        facts = (*answer, event.fingerprint, event.possible_duplicates)
+        apply_submitted(state, facts, ts, record, keep_last)
+        return
     row = own_row(state, event.row)
     row.ts = ts
-    if isinstance(event, Submitting):
-        if row.intent is not None:
-            # A second intent with no outcome for the first: the first may have billed.
-            superseded = row.intent
-            _count_doubt(state, row, superseded, _close_intent(state, row))
-        row.intent = event.intent
-        row.intent_price = event.price if event.price > 0 else state.price
-        state.open_spend += row.intent_price
-        state.doubts[event.intent] = Doubt(
-            event.row,
-            event.intent,
-            row.intent_price,
-            ts,
-            event.request_sha,
-            event.request_keys,
-            event.model,
-            event.seed,
-            event.fingerprint,
-        )
-        if event.seed >= 0:
-            row.seed = event.seed
-        return
     if isinstance(event, SubmitSettled):
         _settle(state, row, event)
         return
@@ -305,39 +295,72 @@ def apply(
     if isinstance(event, SubmitRefused):
         state.doubts.pop(event.intent, None)
         return  # nothing created, the row stands as it did
-    if price and not isinstance(event, Submitted):
+    if price:
         _count_doubt(state, row, open_intent, price)  # an outcome never recorded for it
     _outcome(row, record, keep_last, event.fingerprint, event.seed)
-    if isinstance(event, Submitted):
-        paid = event.price if event.price is not None else (price or state.price)
-        doubt = state.doubts.pop(event.intent, None) if event.intent else None
-        if doubt is not None and doubt.counted:
-            _uncount(state, row, doubt.price)  # a lost answer's task, found and adopted
-        state.submits += 1
-        state.billed_spend += paid
-        if event.possible_duplicates:
-            _count_unknown(state, row, paid, event.possible_duplicates)
-        if event.prediction_id:
-            state.predictions.add(event.prediction_id)
-        row.base = RowStatus.IN_FLIGHT
-        row.prediction_id = event.prediction_id or None
-        row.submits += 1
-        row.submitted_at = ts
-        row.task_status = row.error = row.code = None
-        row.retryable = False
-    else:
-        if event.possible_duplicates:
-            _count_unknown(state, row, state.price, event.possible_duplicates)
-        row.base = RowStatus.IN_FLIGHT if event.live else RowStatus.FAILED
-        row.prediction_id = event.prediction_id
-        if event.prediction_id:
-            state.predictions.add(event.prediction_id)
-        row.error = event.error
-        row.code = event.code
-        row.retryable = event.retryable
-        row.task_status = event.task_status
-        if event.code == GONE_CODE:
-            row.gone += 1
+    if event.possible_duplicates:
+        _count_unknown(state, row, state.price, event.possible_duplicates)
+    row.base = RowStatus.IN_FLIGHT if event.live else RowStatus.FAILED
+    row.prediction_id = event.prediction_id
+    if event.prediction_id:
+        state.predictions.add(event.prediction_id)
+    row.error = event.error
+    row.code = event.code
+    row.retryable = event.retryable
+    row.task_status = event.task_status
+    if event.code == GONE_CODE:
+        row.gone += 1
+
+
+def apply_submitting(state: LedgerState, facts: SubmittingFacts, ts: str | None) -> None:
+    """Apply a ``submitting`` event given as its facts: from an event (``apply``), or
+    from a line laid out as the writer lays it (``submitting_line_facts``)."""
+    row_id, seed, intent, price, fingerprint, request_sha, request_keys, model = facts
+    row = own_row(state, row_id)
+    row.ts = ts
+    if row.intent is not None:
+        # A second intent with no outcome for the first: the first may have billed.
+        superseded = row.intent
+        _count_doubt(state, row, superseded, _close_intent(state, row))
+    row.intent = intent
+    row.intent_price = price if price > 0 else state.price
+    state.open_spend += row.intent_price
+    state.doubts[intent] = Doubt(
+        row_id, intent, row.intent_price, ts, request_sha, request_keys, model, seed, fingerprint
+    )
+    if seed >= 0:
+        row.seed = seed
+
+
+def apply_submitted(
+    state: LedgerState,
+    facts: SubmittedFacts,
+    ts: str | None,
+    record: Mapping[str, Any],
+    keep_last: bool,
+) -> None:
+    """Apply a ``submitted`` event given as its facts (see ``apply_submitting``)."""
+    row_id, pid, seed, intent, price, fingerprint, possible_duplicates = facts
+    row = own_row(state, row_id)
+    row.ts = ts
+    reserved = _close_intent(state, row)
+    _outcome(row, record, keep_last, fingerprint, seed)
+    paid = price if price is not None else (reserved or state.price)
+    doubt = state.doubts.pop(intent, None) if intent else None
+    if doubt is not None and doubt.counted:
+        _uncount(state, row, doubt.price)  # a lost answer's task, found and adopted
+    state.submits += 1
+    state.billed_spend += paid
+    if possible_duplicates:
+        _count_unknown(state, row, paid, possible_duplicates)
+    if pid:
+        state.predictions.add(pid)
+    row.base = RowStatus.IN_FLIGHT
+    row.prediction_id = pid or None
+    row.submits += 1
+    row.submitted_at = ts
+    row.task_status = row.error = row.code = None
+    row.retryable = False
 
 
 def _outcome(

@@ -90,11 +90,13 @@ def test_fast_read_gives_the_full_reads_row_facts(tmp_path: Path):
         assert _facts(read_ledger(path, keep_last=False)[0]) == full, case
 
 
-def test_compact_completed_lines_are_read_without_json(tmp_path: Path, monkeypatch):
-    """A finished run's lines, as the writer lays them out, are read by the line pattern:
-    no JSON parse, no shape check, no event object, and the same facts."""
+def test_compact_lines_are_read_without_json(tmp_path: Path, monkeypatch):
+    """A finished run's lines (intent, answer, result), as the writer lays them out, are
+    read by the line patterns: no JSON parse, no shape check, no event object, and the
+    same facts."""
     path = tmp_path / "ledger.jsonl"
-    path.write_bytes(b"".join(encode(_completed(n)) for n in range(50)))
+    made = (make(n) for n in range(50) for make in (_submitting, _submitted, _completed))
+    path.write_bytes(b"".join(map(encode, made)))
     expected = _facts(read_ledger(path, keep_last=True)[0])
 
     def refuse(*_: Any) -> Any:
