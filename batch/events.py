@@ -659,8 +659,15 @@ def submitting_line_facts(match: re.Match[str]) -> tuple[str, SubmittingFacts] |
     amount = float(price)
     if not math.isfinite(amount):
         return None
-    names = tuple(keys[1:-1].split('","')) if keys else ()
+    names = _KEY_LISTS.get(keys) if keys else ()
+    if names is None:
+        names = tuple(keys[1:-1].split('","'))
+        if len(_KEY_LISTS) < 64:  # a run sends a few shapes of request: one tuple each
+            _KEY_LISTS[keys] = names
     return ts, (row, int(seed), intent, amount, fingerprint, sha, names, model)
+
+
+_KEY_LISTS: dict[str, tuple[str, ...]] = {}
 
 
 def submitted_line_facts(match: re.Match[str]) -> tuple[str, SubmittedFacts] | None:
