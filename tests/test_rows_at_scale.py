@@ -253,3 +253,31 @@ def test_the_command_leaves_without_freeing_and_loses_nothing(
     ledger = (out / "ledger.jsonl").read_text()
     assert ledger.endswith("\n") and json.loads(ledger.splitlines()[-1])["event"] == "finished"
     assert len((out / "metadata.jsonl").read_text().splitlines()) == 6
+
+
+def test_a_run_sweeps_dead_runs_pid_files_with_its_one_listing(
+    run, images, write_manifest, tmp_path: Path, monkeypatch
+) -> None:
+    """The pid file a killed run left is removed once a new run holds the folder, and the
+    lock's sweep lists nothing itself: the run's one listing serves it."""
+    import batch.lock as lock_module
+    from batch.lock import HOLDER_PREFIX
+
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f"{HOLDER_PREFIX}999999-deadbeef.pid"
+    stale.write_text("999999\nwhole\n")  # a killed run's: nothing holds its flock
+    listed: list[Any] = []
+    real = lock_module.matching
+
+    def spy(folder: Path, pattern: str, names: Any = None) -> Any:
+        listed.append(names)
+        return real(folder, pattern, names)
+
+    monkeypatch.setattr(lock_module, "matching", spy)
+    from tests.conftest import simple_rows
+
+    result = run(write_manifest(simple_rows(images, 2)))
+    assert result.code == 0, result.err
+    assert not stale.exists()
+    assert listed and None not in listed  # every sweep was handed a listing
