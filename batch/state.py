@@ -401,9 +401,10 @@ def apply_completed(
         _count_doubt(state, row, open_intent, price)  # an outcome never recorded for it
     _outcome(row, record, keep_last, fingerprint, seed)
     row.base = RowStatus.COMPLETED
-    if pid:
-        if row.prediction_id != pid:  # else keep the submitted line's string: one a row
-            row.prediction_id = pid
+    if pid and row.prediction_id != pid:
+        # Else the submitted line's string stays, one a row, and is known already: every
+        # id a row is given joins ``predictions`` as it is given.
+        row.prediction_id = pid
         state.predictions.add(pid)
     row.outputs = outputs
     row.task_status = "completed"
