@@ -56,12 +56,10 @@ class TaskIds:
             for pid in other:
                 self.add(pid)
             return
-        self._ids |= other._ids
+        self._ids |= other._ids  # moved on, a step at a time, by the adds that follow
         if other._buckets is not None:
             for h in chain.from_iterable(other._buckets):
                 self._insert(h)
-        if len(self._ids) >= self._move_at:
-            self._move(len(self._ids))
 
     def __contains__(self, pid: object) -> bool:
         if pid in self._ids:
