@@ -13,12 +13,14 @@ import json
 import os
 import re
 import threading
+import zlib
 from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from batch import snapshot
 from batch.bulk import gc_paused
 from batch.events import (
     COMPLETED_LINE,
@@ -171,11 +173,11 @@ def _tail(fh: BinaryIO, size: int) -> tuple[int, bool]:
         window *= 4
 
 
-def _blocks(fh: BinaryIO, stop: int) -> Iterator[bytes]:
-    """The file's bytes up to ``stop`` (a line end) in ~1 MB runs of whole lines: a
-    million-line ledger is never in memory at once."""
-    fh.seek(0)
-    pos, carry = 0, b""
+def _blocks(fh: BinaryIO, start: int, stop: int) -> Iterator[bytes]:
+    """The file's bytes from ``start`` to ``stop`` (line ends) in ~1 MB runs of whole
+    lines: a million-line ledger is never in memory at once."""
+    fh.seek(start)
+    pos, carry = start, b""
     while pos < stop:
         block = fh.read(min(CHUNK_BYTES, stop - pos))
         if not block:
@@ -261,21 +263,25 @@ def read_ledger(path: Path, *, keep_last: bool = True) -> tuple[LedgerState, int
     line is written whole, newline included). A whole line that is not what it claims
     (garbled JSON, a known event with broken fields) is damage: recorded with its line
     number and the row it names, and never cut away. ``keep_last=False`` drops each
-    row's last event dict: a 100k-row resume needs only the row states.
+    row's last event dict: a 100k-row resume needs only the row states. Such a read
+    starts from the ledger's snapshot when it matches (``batch.snapshot``), and leaves
+    a new one when it read many lines past it.
     """
-    state = LedgerState()
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed below, after a read of many blocks
     except FileNotFoundError:
-        return state, 0
-    line_no = 0
+        return LedgerState(), 0
     stamp: Any = None
     with fh, gc_paused():
         # Bytes after the last newline are a write cut short; so are whole lines of NUL
         # bytes at the end (some filesystems show a crash's unwritten blocks as zeros).
         good_end, torn = _tail(fh, os.fstat(fh.fileno()).st_size)
-        for data in _blocks(fh, good_end):
+        start = None if keep_last else snapshot.load(path, fh, good_end)
+        begun = start or snapshot.Start(LedgerState())
+        state, line_no, crc = begun.state, begun.lines, begun.crc
+        for data in _blocks(fh, begun.offset, good_end):
             if not keep_last:
+                crc = zlib.crc32(data, crc)
                 text = _text(data)
                 if text is not None:
                     line_no = _read_facts(state, text, line_no)
@@ -301,6 +307,8 @@ def read_ledger(path: Path, *, keep_last: bool = True) -> tuple[LedgerState, int
                         state.damaged(line_no, _row_in(line), "not a JSON object")
                         continue
                     _apply_record(state, parsed, keep_last, line_no)
+        if not keep_last and line_no - begun.lines >= snapshot.snapshot_lines():
+            snapshot.save(path, snapshot.Start(state, good_end, line_no, crc))
     state.torn_tail = torn
     for damage in state.damage:
         damage.path = path.name

@@ -46,6 +46,7 @@ from batch.options import RunOptions
 from batch.outputs import existing_files
 from batch.plan import Planned, plan_rows
 from batch.polling import TAIL_LAG_WEIGHT, PollSchedule
+from batch.refresh import refresh_snapshot
 from batch.settle import Settler
 from batch.slots import Slots
 from batch.spend import SpendGuard
@@ -332,6 +333,9 @@ class Runner:
                 guard.close()
         if self._fatal is not None:
             raise self._fatal
+        if self.stop.by is None:  # a signal asked to stop now, not to tidy up
+            # The next resume or status then reads this run's lines from a snapshot.
+            await refresh_snapshot(self.ledger_path, writer.lines_written)
         return summary
 
     async def _spawn(

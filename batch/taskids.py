@@ -61,6 +61,10 @@ class TaskIds:
             for h in chain.from_iterable(other._buckets):
                 self._insert(h)
 
+    def strings(self) -> set[str] | None:
+        """Every id, when none has been moved (a ledger read's set); else None."""
+        return self._ids if self._buckets is None else None
+
     def __contains__(self, pid: object) -> bool:
         if pid in self._ids:
             return True

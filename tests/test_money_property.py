@@ -19,16 +19,18 @@ import pytest
 
 from batch.api import Ledger
 from batch.emulator import EmulatorConfig, serve_in_thread
+from batch.snapshot import PREFIX as SNAPSHOT_PREFIX
+from batch.snapshot import SNAPSHOT_LINES_ENV
 from tests.conftest import API_KEY, simple_rows, subprocess_env, wsbatch_cmd
 
 ROWS = 24
 
 
-def one_run(emu, path, out, ending: str, rng: random.Random) -> dict | None:
+def one_run(emu, path, out, ending: str, rng: random.Random, **env: str) -> dict | None:
     proc = subprocess.Popen(
         wsbatch_cmd("run", path, "--base-url", emu.base_url, "--out", out, "--json",
                     "--no-progress", "--concurrency", "6", "--grace", "5"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(**env),
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
     if ending != "finish":
@@ -38,14 +40,14 @@ def one_run(emu, path, out, ending: str, rng: random.Random) -> dict | None:
     return json.loads(stdout) if stdout.strip().startswith("{") else None
 
 
-def check(emu, out, summary: dict | None) -> None:
+def check(emu, out, summary: dict | None, **env: str) -> None:
     if not (out / "ledger.jsonl").exists():
         assert emu.stats.submits_accepted == 0  # killed before it could send anything
         return
     status = json.loads(
         subprocess.run(
             wsbatch_cmd("status", out, "--json"), capture_output=True, text=True,
-            env=subprocess_env(), check=True,
+            env=subprocess_env(**env), check=True,
         ).stdout
     )  # fmt: skip
     billed = emu.stats.submits_accepted
@@ -67,8 +69,11 @@ def check(emu, out, summary: dict | None) -> None:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_random_faults_and_endings_never_hide_a_billed_task(seed, tmp_path, images, write_manifest):
-    """Whatever faults and stops come, every billed task is recorded and views agree."""
+    """Whatever faults and stops come, every billed task is recorded and views agree;
+    odd seeds write and read a ledger snapshot at every read and every run's end (the
+    Python ``Ledger`` reads the whole ledger, so it checks them)."""
     rng = random.Random(seed)
+    env = {SNAPSHOT_LINES_ENV: "1"} if seed % 2 else {}
     config = EmulatorConfig(
         api_key=API_KEY,
         seed=seed,
@@ -88,9 +93,10 @@ def test_random_faults_and_endings_never_hide_a_billed_task(seed, tmp_path, imag
         emu.script("submit", *rng.choices(["drop_after", "500_after", "html_after"], k=3))
         for _ in range(3):
             ending = rng.choice(["finish", "interrupt", "kill", "kill"])
-            check(emu, out, one_run(emu, path, out, ending, rng))
+            check(emu, out, one_run(emu, path, out, ending, rng, **env), **env)
         # Faults off: the last run must finish every row, each with its own task.
         emu.config.p_5xx = emu.config.p_drop = emu.config.p_429 = 0.0
-        summary = one_run(emu, path, out, "finish", rng)
+        summary = one_run(emu, path, out, "finish", rng, **env)
         assert summary is not None and summary["completed"] == ROWS, summary
-        check(emu, out, summary)
+        check(emu, out, summary, **env)
+        assert (out / f"{SNAPSHOT_PREFIX}ledger.jsonl").exists() == bool(env)

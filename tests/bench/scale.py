@@ -111,7 +111,7 @@ def build_completed_out(manifest: Path, out_dir: Path, content: bytes = b"") -> 
     """An OUT_DIR as a finished run leaves it: a ledger with the ``submitting``,
     ``submitted`` and ``completed`` events of every row, shaped as the runner writes them
     (three lines a row, as a real run's ledger has), and a file per output holding
-    ``content``.
+    ``content``, and the ledger's snapshot that the run's end leaves.
 
     The manifest is read through the package once, for the fingerprints. The outputs are
     hard links to a few files outside OUT_DIR (a new inode costs far more than a name on
@@ -120,6 +120,7 @@ def build_completed_out(manifest: Path, out_dir: Path, content: bytes = b"") -> 
     """
     from batch.manifest import load_manifest
     from batch.redact import redact_url
+    from batch.refresh import main as refresh_main
 
     rows = load_manifest(manifest).rows
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -165,6 +166,9 @@ def build_completed_out(manifest: Path, out_dir: Path, content: bytes = b"") -> 
                 lines.clear()
         ledger.writelines(lines)
     (out_dir / "metadata.jsonl").touch()
+    # As the run that wrote these lines leaves the folder: its end refreshes the ledger's
+    # snapshot, by this same read (``batch.refresh``).
+    refresh_main([str(out_dir / "ledger.jsonl")])
     return len(rows)
 
 
@@ -272,8 +276,10 @@ def measure_validate(manifest: Path, rows: int) -> Check:
     return check
 
 
-def measure_resume(manifest: Path, out_dir: Path, rows: int) -> Check:
-    """``wsbatch run`` where every row is already completed: no request may be sent."""
+def measure_resume(manifest: Path, out_dir: Path, rows: int, *, snapshot: bool = True) -> Check:
+    """``wsbatch run`` where every row is already completed: no request may be sent.
+    Without the ledger's ``snapshot`` (a folder an older version wrote, or one whose
+    run was killed before its end) the whole ledger is read: a figure, not the target."""
     with EmulatorProcess((0.0, 0.0), EMULATOR_FLAGS) as emu:
         result = run_measured(
             wsbatch_run(manifest, emu.base_url, out_dir, 50),
@@ -284,11 +290,16 @@ def measure_resume(manifest: Path, out_dir: Path, rows: int) -> Check:
         stats = emu.state()["stats"]
     requests = sum(int(stats.get(k, 0)) for k in REQUEST_COUNTERS)
     skipped = _summary(result).get("already_done")
-    check = _check(f"resume {_k(rows)} rows, all done", result)
+    name = f"resume {_k(rows)} rows, all done" + ("" if snapshot else ", no snapshot")
+    check = _check(name, result)
     ok = result.returncode == 0 and skipped == rows
     check.targets = [
         Target("rows skipped", f"{skipped}", f"all {rows}, exit 0", ok),
         Target("requests to the API", str(requests), "0", requests == 0),
+    ]
+    if not snapshot:
+        return check
+    check.targets += [
         Target(
             "wall",
             f"{result.wall_s:.1f} s",
@@ -592,6 +603,8 @@ def report(checks: list[Check], elapsed: float) -> str:
 
 
 def run_all(args: argparse.Namespace) -> list[Check]:
+    from batch.snapshot import snapshot_path
+
     checks: list[Check] = []
 
     def step(what: str, fn: Callable[[], Check | list[Check]]) -> None:
@@ -612,6 +625,11 @@ def run_all(args: argparse.Namespace) -> list[Check]:
             os.sync()
             step("resume, all done", lambda: measure_resume(manifest, out, args.rows))
             step("status", lambda: measure_status(out, args.rows))
+            snapshot_path(out / "ledger.jsonl").unlink()
+            step(
+                "resume, no snapshot",
+                lambda: measure_resume(manifest, out, args.rows, snapshot=False),
+            )
         runs: list[RunFigures] = []
         if args.fresh_rows:
             print("  [scale] fresh runs", file=sys.stderr, flush=True)
