@@ -307,7 +307,8 @@ def read_ledger(path: Path, *, keep_last: bool = True) -> tuple[LedgerState, int
                         state.damaged(line_no, _row_in(line), "not a JSON object")
                         continue
                     _apply_record(state, parsed, keep_last, line_no)
-        if not keep_last and line_no - begun.lines >= snapshot.snapshot_lines():
+        read = line_no - begun.lines
+        if not keep_last and read and read >= snapshot.snapshot_lines():
             snapshot.save(path, snapshot.Start(state, good_end, line_no, crc))
     state.torn_tail = torn
     for damage in state.damage:

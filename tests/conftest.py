@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -179,3 +180,18 @@ def age_submits(out: Path, seconds: float) -> None:
         if e["event"] in ("submitted", "submitting"):
             e["ts"] = old
     (out / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+
+
+def snapshot_left(ledger: Path, timeout: float = 20.0) -> dict[str, Any] | None:
+    """The header of the snapshot a run's detached refresh leaves beside ``ledger``, once
+    it covers the whole ledger; None if none does within ``timeout``."""
+    from batch.snapshot import snapshot_path
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            head: dict[str, Any] = json.loads(snapshot_path(ledger).read_bytes().split(b"\n")[0])
+            if head["offset"] == ledger.stat().st_size:
+                return head
+        time.sleep(0.05)
+    return None

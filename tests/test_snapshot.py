@@ -15,7 +15,7 @@ from batch import snapshot
 from batch.ledger import read_ledger
 from batch.snapshot import snapshot_path
 from batch.state import LedgerState
-from tests.conftest import run_subprocess, simple_rows
+from tests.conftest import run_subprocess, simple_rows, snapshot_left
 from tests.test_fuzz_ledger import _ledger
 from tests.test_ledger_fast import _mutated
 
@@ -192,17 +192,28 @@ def test_a_folder_that_refuses_the_snapshot_still_reads(tmp_path: Path, snapshot
 def test_a_run_leaves_a_snapshot_of_its_whole_ledger(
     tmp_path: Path, images, write_manifest, emulator
 ):
-    """A run that wrote many lines refreshes the snapshot as it ends (in a child): it
-    covers the whole ledger, and a resume from it sends nothing and finds every row."""
+    """A run that wrote many lines has a detached process refresh the snapshot as it
+    ends: it covers the whole ledger, and a resume from it sends nothing."""
     manifest = write_manifest(simple_rows(images, 6))
     out = tmp_path / "out"
     args = ("run", manifest, "--base-url", emulator.base_url, "--out", out, "--json",
             "--no-progress")  # fmt: skip
     first = run_subprocess(*args, WSBATCH_SNAPSHOT_LINES="10")
     assert first.returncode == 0, first.stderr
-    head = json.loads(snapshot_path(out / "ledger.jsonl").read_bytes().splitlines()[0])
-    assert head["offset"] == (out / "ledger.jsonl").stat().st_size
-    assert head["rows"] == 6
+    head = snapshot_left(out / "ledger.jsonl")
+    assert head is not None and head["rows"] == 6
+    submits = emulator.stats.submits_accepted
     second = run_subprocess(*args, WSBATCH_SNAPSHOT_LINES="10")
     summary = json.loads(second.stdout)
-    assert summary["already_done"] == 6 and summary["submitted"] == 0, summary
+    assert summary["already_done"] == 6, summary
+    assert emulator.stats.submits_accepted == submits == 6
+
+
+def test_a_short_run_leaves_no_snapshot(tmp_path: Path, images, write_manifest, emulator):
+    """A run of fewer lines than the threshold starts no refresh (its ledger reads fast)."""
+    manifest = write_manifest(simple_rows(images, 3))
+    out = tmp_path / "out"
+    done = run_subprocess("run", manifest, "--base-url", emulator.base_url, "--out", out,
+                          "--no-progress", WSBATCH_SNAPSHOT_LINES="100")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert snapshot_left(out / "ledger.jsonl", timeout=1.0) is None
