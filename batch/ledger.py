@@ -120,7 +120,7 @@ def _chunks(data: bytes) -> Iterator[tuple[int, int, list[dict[str, Any]] | None
         events: list[dict[str, Any]] | None
         try:
             parsed = json.loads(b"[" + body.replace(b"\n", b",") + b"]")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a line of [[[[[...
             parsed = None
         # One object a line: a raw newline inside a string (a torn write's bytes, never
         # the writer's) would otherwise join two lines into one object.
@@ -138,7 +138,7 @@ def _chunks(data: bytes) -> Iterator[tuple[int, int, list[dict[str, Any]] | None
 def _parse(line: bytes) -> dict[str, Any] | None:
     try:
         value = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 

@@ -128,7 +128,7 @@ def cached(folder: Path | None = None) -> Catalogue | None:
     path = (folder or cache_dir()) / CACHE_NAME
     try:
         doc = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(doc, dict):
         return None

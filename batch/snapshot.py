@@ -112,7 +112,7 @@ def load(ledger: Path, fh: BinaryIO, good_end: int) -> Start | None:
     try:
         with snap:
             return _load(snap, ledger.name, fh, good_end)
-    except (Stale, ValueError, TypeError, KeyError, IndexError, AttributeError, OSError):
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OSError, RecursionError):
         return None
 
 

@@ -52,6 +52,23 @@ def test_torn_tail_is_cut_so_appends_start_clean(ledger_file):
     assert not cut_torn_tail(ledger_file, good_end)
 
 
+@pytest.mark.parametrize("keep_last", [True, False])
+def test_a_deeply_nested_line_is_damage_not_a_crash(tmp_path, keep_last):
+    """A line of 100,000 open brackets (JSON's parser recurses on it) is a damaged line:
+    every reader of the folder (run, status, report, export) still reads the rest."""
+    path = tmp_path / "ledger.jsonl"
+    good = [json.dumps(e).encode() + b"\n" for e in events(3)]
+    path.write_bytes(b"".join([good[0], b"[" * 100_000 + b"\n", *good[1:]]))
+    state, _ = read_ledger(path, keep_last=keep_last)
+    assert state.submits == 3
+    assert [(d.line, d.reason) for d in state.damage] == [(2, "not a JSON object")]
+    assert [line for line, _, _ in ledger_module.iter_ledger_events(path)] == [
+        0,
+        len(good[0]) + 100_001,
+        len(good[0]) + 100_001 + len(good[1]),
+    ]
+
+
 def test_trailing_zeroed_line_counts_as_torn(tmp_path):
     """A last line of NUL bytes (a crash on some filesystems) is not data."""
     path = tmp_path / "ledger.jsonl"

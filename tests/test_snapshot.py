@@ -149,6 +149,7 @@ PLANTED = {
     "torn": lambda lines: [*lines[:-1], lines[-1][:5]],
     "no trailer": lambda lines: lines[:-1],
     "not JSON": lambda lines: [lines[0], b"{nope\n", *lines[2:]],
+    "nested past recursion": lambda lines: [lines[0], b"[" * 100_000 + b"\n", *lines[2:]],
     "other format": lambda lines: [lines[0].replace(b'"format":1', b'"format":9'), *lines[1:]],
     "output not a name": _chunk_edit("outputs", [[7]] * 99),
     "unknown status": _chunk_edit("base", {"all": "paid"}),

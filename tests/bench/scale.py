@@ -362,6 +362,29 @@ class RunFigures:
         return 1000 * self.result.cpu_s / max(self.completed or 0, 1)
 
 
+def _refreshed(ledger: Path, timeout: float = 300.0) -> None:
+    """Wait for the detached snapshot refresh a long run starts as it ends, so that it
+    does not run beside the next measurement (it is not part of this one: the run's
+    command has returned)."""
+    from batch.snapshot import snapshot_lines, snapshot_path
+
+    try:
+        data = ledger.read_bytes()
+    except FileNotFoundError:
+        return
+    if data.count(b"\n") < snapshot_lines():
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            head = json.loads(snapshot_path(ledger).read_bytes().split(b"\n", 1)[0])
+            if head.get("offset") == len(data):
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.2)
+
+
 def fresh_run(
     work: Path, rows: int, concurrency: int, latency: tuple[float, float], nofile: int, tag: str
 ) -> RunFigures:
@@ -380,6 +403,7 @@ def fresh_run(
             own_rss=True,
         )
         state = emu.state()
+    _refreshed(work / f"{tag}-out" / "ledger.jsonl")
     t = timing(state)
     try:
         lag: dict[str, Any] = json.loads(lag_file.read_text())
