@@ -26,20 +26,23 @@ async def refresh_snapshot(ledger: Path, lines_written: int) -> bool:
     """Start the refresh of ``ledger``'s snapshot when this run wrote enough lines to be
     worth it; return whether one was started. Waits only for the detached process to
     be forked off (a few tenths of a second)."""
-    if lines_written < snapshot_lines():
-        return False
+    if lines_written < snapshot_lines() or not sys.executable:
+        return False  # no interpreter to start (an embedding host): the next read leaves it
     path = os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "batch.refresh",
-        str(ledger),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": path},
-        start_new_session=True,  # a Ctrl-C at the terminal is not for it
-    )
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "batch.refresh",
+            str(ledger),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": path},
+            start_new_session=True,  # a Ctrl-C at the terminal is not for it
+        )
+    except OSError:
+        return False  # a cache not refreshed costs the next read time, never the run
     await proc.wait()
     return proc.returncode == 0
 

@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 
-from batch import snapshot
+from batch import refresh, snapshot
+from batch.api import run_manifest
 from batch.ledger import read_ledger
+from batch.manifest import load_manifest
 from batch.snapshot import snapshot_path
 from batch.state import LedgerState
 from tests.conftest import run_subprocess, simple_rows, snapshot_left
@@ -218,3 +220,19 @@ def test_a_short_run_leaves_no_snapshot(tmp_path: Path, images, write_manifest, 
                           "--no-progress", WSBATCH_SNAPSHOT_LINES="100")  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert snapshot_left(out / "ledger.jsonl", timeout=1.0) is None
+
+
+def test_a_refresh_that_cannot_start_never_fails_the_run(
+    tmp_path: Path, images, write_manifest, emulator, monkeypatch
+):
+    """No interpreter to start the refresh with (an embedding host, no processes left):
+    the run ends as it would, and the next long read leaves the snapshot instead."""
+    monkeypatch.setenv(snapshot.SNAPSHOT_LINES_ENV, "5")
+    monkeypatch.setattr(refresh.sys, "executable", str(tmp_path / "no-python"))
+    manifest = load_manifest(write_manifest(simple_rows(images, 4)))
+    summary = run_manifest(manifest, out_dir=tmp_path / "out", base_url=emulator.base_url)
+    assert summary.completed == 4 and summary.exit_code == 0
+    ledger = tmp_path / "out" / "ledger.jsonl"
+    assert not snapshot_path(ledger).exists()
+    read_ledger(ledger, keep_last=False)
+    assert snapshot_left(ledger, timeout=0.1) is not None
