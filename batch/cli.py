@@ -270,10 +270,22 @@ def _exit_now(code: int) -> NoReturn:
     logging.shutdown()
     try:
         sys.stdout.flush()
+    except OSError as exc:
+        code = _output_refused(exc) or code
+    with contextlib.suppress(OSError):
         sys.stderr.flush()
-    except OSError:  # a closed pipe: the interpreter's own exit reports it as it does
-        raise SystemExit(code) from None
     os._exit(code)
+
+
+def _output_refused(exc: OSError) -> int:
+    """Standard output could not be written: say so once (unless its reader went away,
+    as with `| head`), and let nothing try to write it again. Returns the exit code."""
+    if not isinstance(exc, BrokenPipeError):
+        print(f"wsbatch: error: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 1
 
 
 def _command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -301,6 +313,18 @@ def _command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("wsbatch: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError as exc:  # what we printed had no reader left
+        return _output_refused(exc)
+    except OSError as exc:
+        try:
+            sys.stdout.flush()  # was it standard output that refused?
+        except OSError as refused:
+            return _output_refused(refused)
+        # The machine refused a read or a write (a full disk, a folder gone): no bug of
+        # ours, and what it needs is the path and the reason.
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"wsbatch: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except Exception as exc:
         if args.debug:
             traceback.print_exc()

@@ -298,3 +298,53 @@ def test_status_in_a_loop_never_makes_a_starting_run_exit_3(cli, emulator, manif
     info = json.loads(cli("status", out, "--json").out)
     assert info["running"] is False
     assert not list(out.glob(f"{HOLDER_PREFIX}*"))  # every run removed its pid file
+
+
+def _a_finished_folder(tmp_path: Path, rows: int) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = [
+        {"ts": "2026-01-01T00:00:00.000Z", "event": "completed", "row": f"r{n}",
+         "prediction_id": f"p{n}", "outputs": [f"r{n}.png"]}
+        for n in range(rows)
+    ]  # fmt: skip
+    (out / "ledger.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return out
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+@pytest.mark.parametrize("rows", [2, 3000])
+def test_a_full_disk_under_standard_output_is_a_clear_error(tmp_path: Path, rows: int):
+    """`status --json > /dev/full`, with output smaller and larger than a buffer: one
+    line naming the reason, exit 1, no traceback and no "internal error"."""
+    out = _a_finished_folder(tmp_path, rows)
+    env = subprocess_env()
+    env.pop("PYTHONUNBUFFERED", None)  # buffered, as a user's redirected stdout is
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "batch", "status", str(out), "--json"],
+            stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=60,
+        )  # fmt: skip
+    err = done.stderr.strip()
+    assert done.returncode == 1, err
+    assert "No space left on device" in err and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and "internal error" not in err and "ignored" not in err
+
+
+@pytest.mark.parametrize("rows", [2, 3000])
+def test_output_nobody_reads_ends_quietly(tmp_path: Path, rows: int):
+    """`wsbatch status --json | head -c 0`: the reader is gone before we write; the
+    command ends with exit 1 and says nothing (nothing of ours went wrong)."""
+    out = _a_finished_folder(tmp_path, rows)
+    env = subprocess_env()
+    env.pop("PYTHONUNBUFFERED", None)
+    read, write = os.pipe()
+    os.close(read)  # the reader left already
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "batch", "status", str(out), "--json"],
+            stdout=write, stderr=subprocess.PIPE, text=True, env=env, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert done.returncode == 1 and done.stderr == ""
