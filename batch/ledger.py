@@ -248,7 +248,7 @@ def _read_facts(state: LedgerState, text: str, line_no: int) -> int:
             state.damaged(line_no, _row_in(raw), "not a JSON object")
             continue
         written = parsed.get("ts")
-        if written == stamp:
+        if written is not None and written == stamp:
             parsed["ts"] = stamp
         elif isinstance(written, str):
             stamp = written
@@ -256,7 +256,9 @@ def _read_facts(state: LedgerState, text: str, line_no: int) -> int:
     return line_no
 
 
-def read_ledger(path: Path, *, keep_last: bool = True) -> tuple[LedgerState, int]:
+def read_ledger(
+    path: Path, *, keep_last: bool = True, from_snapshot: bool = True
+) -> tuple[LedgerState, int]:
     """Read a ledger once; return its state and the offset where whole lines end.
 
     Only bytes after the last newline are a torn tail (a write cut by a crash: every
@@ -264,8 +266,9 @@ def read_ledger(path: Path, *, keep_last: bool = True) -> tuple[LedgerState, int
     (garbled JSON, a known event with broken fields) is damage: recorded with its line
     number and the row it names, and never cut away. ``keep_last=False`` drops each
     row's last event dict: a 100k-row resume needs only the row states. Such a read
-    starts from the ledger's snapshot when it matches (``batch.snapshot``), and leaves
-    a new one when it read many lines past it.
+    starts from the ledger's snapshot when it matches (``batch.snapshot``) unless
+    ``from_snapshot`` is off (a repair reads every line itself), and leaves a new one
+    when it read many lines past it.
     """
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed below, after a read of many blocks
@@ -276,7 +279,7 @@ def read_ledger(path: Path, *, keep_last: bool = True) -> tuple[LedgerState, int
         # Bytes after the last newline are a write cut short; so are whole lines of NUL
         # bytes at the end (some filesystems show a crash's unwritten blocks as zeros).
         good_end, torn = _tail(fh, os.fstat(fh.fileno()).st_size)
-        start = None if keep_last else snapshot.load(path, fh, good_end)
+        start = snapshot.load(path, fh, good_end) if from_snapshot and not keep_last else None
         begun = start or snapshot.Start(LedgerState())
         state, line_no, crc = begun.state, begun.lines, begun.crc
         for data in _blocks(fh, begun.offset, good_end):
@@ -292,7 +295,9 @@ def read_ledger(path: Path, *, keep_last: bool = True) -> tuple[LedgerState, int
                         line_no += 1
                         # Lines written together share one stamp: one string for them all.
                         ts = record.get("ts")
-                        if ts == stamp:
+                        if ts is None:
+                            pass  # no stamp: nothing to share, and none is added
+                        elif ts == stamp:
                             record["ts"] = stamp
                         else:
                             stamp = ts

@@ -3,14 +3,17 @@ wrote many lines, so that the next resume or ``status`` starts from it.
 
 The process is detached, as ``git gc --auto`` detaches: the run's command returns at
 once, and its memory stays flat in its rows. The refresh is a read of the ledger (what a
-``status`` costs: at 1M rows about 10 s and 700 MB) at a lower priority; it holds no lock
-and replaces the snapshot whole, so a run that starts meanwhile only finds an older one.
+``status`` costs: at 1M rows about 12 s and 700 MB) at a lower priority. It holds no lock
+a run needs and replaces the snapshot whole, so a run that starts meanwhile only finds an
+older one; one refresh of a ledger runs at a time (an advisory lock on the ledger file
+that only refreshes take), a second one started meanwhile leaves at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -18,8 +21,10 @@ from pathlib import Path
 
 from batch.snapshot import snapshot_lines
 
-# The child imports this very package, wherever it was imported from.
+# The child imports this very package, wherever it was imported from (and ``-P``: never
+# a ``batch`` in the folder it was started from).
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+FORK_WAIT_S = 30.0  # the child forks off its read within a second; past this, a host's bug
 
 
 async def refresh_snapshot(ledger: Path, lines_written: int) -> bool:
@@ -32,6 +37,7 @@ async def refresh_snapshot(ledger: Path, lines_written: int) -> bool:
     try:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
+            "-P",
             "-m",
             "batch.refresh",
             str(ledger),
@@ -43,15 +49,31 @@ async def refresh_snapshot(ledger: Path, lines_written: int) -> bool:
         )
     except OSError:
         return False  # a cache not refreshed costs the next read time, never the run
-    await proc.wait()
+    try:
+        await asyncio.wait_for(proc.wait(), FORK_WAIT_S)
+    except TimeoutError:
+        proc.kill()  # not an interpreter that forks (an embedding host's binary)
+        await proc.wait()
+        return False
     return proc.returncode == 0
 
 
-def refresh(ledger: Path) -> None:
-    """What the detached process does: read the ledger, which leaves its snapshot."""
+def refresh(ledger: Path) -> bool:
+    """What the detached process does: read the ledger, which leaves its snapshot. False
+    when another refresh of it is under way (or it is gone)."""
     from batch.ledger import read_ledger  # imported after the fork: the run waits less
 
-    read_ledger(ledger, keep_last=False)
+    try:
+        fh = open(ledger, "rb")  # noqa: SIM115 - held, for its lock, through the read
+    except OSError:
+        return False
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        read_ledger(ledger, keep_last=False)
+    return True
 
 
 def main(argv: list[str]) -> int:

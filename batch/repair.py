@@ -45,7 +45,7 @@ def inspect(out_dir: Path) -> Repair:
         raise UsageError(f"{out_dir} has no ledger: not a wsbatch output folder")
     found = Repair()
     for path in paths:
-        state, _ = read_ledger(path, keep_last=False)
+        state, _ = read_ledger(path, keep_last=False, from_snapshot=False)
         found.damage += state.damage
     return found
 
@@ -57,7 +57,7 @@ def drop(out_dir: Path) -> Repair:
     lock.acquire()
     with lock:
         for path in ledger_paths(out_dir):
-            state, good_end = read_ledger(path, keep_last=False)
+            state, good_end = read_ledger(path, keep_last=False, from_snapshot=False)
             bad = {d.line for d in state.damage}
             data = path.read_bytes()
             if not bad and good_end == len(data):

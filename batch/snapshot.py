@@ -6,25 +6,34 @@ facts. It holds what ``read_ledger(keep_last=False)`` had reduced after the ledg
 first ``offset`` bytes, with the CRC-32 of those bytes. It is used only when the ledger
 still begins with exactly those bytes; anything else (another ledger, a line edited,
 cut or repaired, a snapshot torn or of another format) and the ledger is read whole,
-as if there were none. Its values are type-checked as they are loaded, so a snapshot
-planted in the folder can claim no more than a ledger line could.
+as if there were none; so is a snapshot another version of the reducer made. Its values
+are type- and range-checked as they are loaded, so a snapshot planted in the folder can
+claim no more than a ledger line could (no negative or NaN spend, no count a reducer
+never makes).
 
-A file of JSON lines: a header (format, offset, lines, CRC, the folder-wide facts),
-then the rows ``CHUNK_ROWS`` a line as columns, then a trailer with the row count.
+A file of JSON lines: a header (format, reducer, offset, lines, CRC, the folder-wide
+facts), then the rows ``CHUNK_ROWS`` a line as columns, then a trailer with the row
+count and the CRC-32 of every line before it.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import math
 import os
+import stat
+import sys
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from itertools import chain, islice, repeat
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from batch import __version__
 from batch.files import atomic_file
 from batch.state import Damage, Doubt, LedgerState, RowState, RowStatus
 from batch.taskids import TaskIds
@@ -39,26 +48,37 @@ CHUNK_ROWS = 1 << 14
 _READ_BYTES = 1 << 22
 
 _NONE = type(None)
-# Each row field, with the types its values may have. Plain columns hold a value a row;
-# the others a table of the values they take and an index a row (most rows share them).
-_FIELDS: tuple[tuple[str, frozenset[type], bool], ...] = (
-    ("base", frozenset({str}), False),
-    ("fingerprint", frozenset({str, _NONE}), True),
-    ("prediction_id", frozenset({str, _NONE}), True),
-    ("seed", frozenset({int, _NONE}), True),
-    ("outputs", frozenset({list}), True),
-    ("retryable", frozenset({bool}), False),
-    ("error", frozenset({str, _NONE}), False),
-    ("code", frozenset({int, str, _NONE}), False),
-    ("task_status", frozenset({str, _NONE}), False),
-    ("submits", frozenset({int}), False),
-    ("unknown", frozenset({int}), False),
-    ("gone", frozenset({int}), False),
-    ("submitted_at", frozenset({str, _NONE}), False),
-    ("ts", frozenset({str, _NONE}), False),
-    ("intent", frozenset({str, _NONE}), False),
-    ("intent_price", frozenset({float, int}), False),
-    ("damaged", frozenset({bool}), False),
+
+
+def _anything(_values: Iterable[Any]) -> bool:
+    return True
+
+
+def _not_negative(values: Iterable[Any]) -> bool:
+    return all(v >= 0 and math.isfinite(v) for v in values)
+
+
+# Each row field, with the types its values may have and a check of the values a column
+# takes. Plain columns hold a value a row; the others a table of the values they take and
+# an index a row (most rows share them), so their check sees each value once.
+_FIELDS: tuple[tuple[str, frozenset[type], bool, Callable[[Iterable[Any]], bool]], ...] = (
+    ("base", frozenset({str}), False, _anything),
+    ("fingerprint", frozenset({str, _NONE}), True, _anything),
+    ("prediction_id", frozenset({str, _NONE}), True, _anything),
+    ("seed", frozenset({int, _NONE}), True, _anything),
+    ("outputs", frozenset({list}), True, _anything),
+    ("retryable", frozenset({bool}), False, _anything),
+    ("error", frozenset({str, _NONE}), False, _anything),
+    ("code", frozenset({int, str, _NONE}), False, _anything),
+    ("task_status", frozenset({str, _NONE}), False, _anything),
+    ("submits", frozenset({int}), False, _not_negative),
+    ("unknown", frozenset({int}), False, _not_negative),
+    ("gone", frozenset({int}), False, _not_negative),
+    ("submitted_at", frozenset({str, _NONE}), False, _anything),
+    ("ts", frozenset({str, _NONE}), False, _anything),
+    ("intent", frozenset({str, _NONE}), False, _anything),
+    ("intent_price", frozenset({float, int}), False, _not_negative),
+    ("damaged", frozenset({bool}), False, _anything),
 )
 _STATUS = {s.value: s for s in RowStatus}
 _SPEND = ("billed_spend", "unknown_spend", "open_spend")
@@ -75,7 +95,22 @@ def snapshot_path(ledger: Path) -> Path:
 
 def snapshot_lines() -> int:
     value = os.environ.get(SNAPSHOT_LINES_ENV, "")
-    return int(value) if value.isdigit() else SNAPSHOT_LINES
+    return int(value) if value.isascii() and value.isdigit() else SNAPSHOT_LINES
+
+
+@functools.cache
+def reducer_key() -> str:
+    """What made a snapshot's state: this format, this version, this Python, and the
+    source of every module that turns ledger lines into state. Any change to them (an
+    upgrade, a downgrade, an edit) sets earlier snapshots aside."""
+    digest = hashlib.sha256(f"{FORMAT} {__version__} {sys.version_info[:2]}".encode())
+    for name in ("batch.events", "batch.state", "batch.ledger", "batch.snapshot"):
+        module = sys.modules.get(name)
+        try:
+            digest.update(Path(module.__file__ or "").read_bytes() if module else b"?")
+        except OSError:
+            digest.update(b"?")  # no source beside it: the version stands for it
+    return digest.hexdigest()[:32]
 
 
 @dataclass(slots=True)
@@ -89,50 +124,67 @@ class Start:
     crc: int = 0
 
 
-def prefix_crc(fh: BinaryIO, stop: int) -> int:
-    """The CRC-32 of the file's first ``stop`` bytes (zlib's runs without the GIL)."""
+def _prefix(fh: BinaryIO, stop: int) -> tuple[int, int]:
+    """The CRC-32 of the file's first ``stop`` bytes, and how many lines end in them; the
+    last of them must end a line (zlib's CRC runs without the GIL)."""
     fh.seek(0)
-    crc, left = 0, stop
+    crc, lines, left, block = 0, 0, stop, b""
     while left > 0:
         block = fh.read(min(_READ_BYTES, left))
         if not block:
             raise Stale("the ledger is shorter than the snapshot")
         crc = zlib.crc32(block, crc)
+        lines += block.count(b"\n")
         left -= len(block)
-    return crc
+    if not block.endswith(b"\n"):
+        raise Stale("the snapshot ends inside a line")
+    return crc, lines
 
 
 def load(ledger: Path, fh: BinaryIO, good_end: int) -> Start | None:
     """The snapshot's state when the ledger (open as ``fh``, whole lines to ``good_end``)
     still begins with the bytes it was made from; None otherwise."""
     try:
-        snap = open(snapshot_path(ledger), "rb")  # noqa: SIM115 - closed below
+        # Not through a symlink, and never a FIFO or a device that would block the read.
+        fd = os.open(snapshot_path(ledger), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     try:
-        with snap:
+        with open(fd, "rb") as snap:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
             return _load(snap, ledger.name, fh, good_end)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OSError, RecursionError):
+    except Exception:  # a cache that cannot be read is set aside, whatever it holds
         return None
 
 
 def _load(snap: BinaryIO, name: str, fh: BinaryIO, good_end: int) -> Start:
-    head = json.loads(snap.readline())
-    if head.get("format") != FORMAT or head.get("ledger") != name:
-        raise Stale("another format or another ledger")
-    offset, lines, crc = head["offset"], head["lines"], head["crc32"]
-    if not (isinstance(offset, int) and 0 < offset <= good_end and isinstance(lines, int)):
+    line = snap.readline()
+    body = zlib.crc32(line)
+    head = json.loads(line)
+    if (head.get("format"), head.get("reducer"), head.get("ledger")) != (
+        FORMAT,
+        reducer_key(),
+        name,
+    ):
+        raise Stale("another format, reducer or ledger")
+    offset, lines, crc = _count(head["offset"]), _count(head["lines"]), head["crc32"]
+    if not 0 < offset <= good_end:
         raise Stale("past the ledger's end")
-    if prefix_crc(fh, offset) != crc:
+    if _prefix(fh, offset) != (crc, lines):
         raise Stale("the ledger's bytes changed")
     state = _folder_facts(head["state"])
     rows, pids = state.rows, []
-    for _ in range(int(head["chunks"])):
-        ids, states = _chunk(json.loads(snap.readline()))
+    for _ in range(_count(head["chunks"])):
+        line = snap.readline()
+        body = zlib.crc32(line, body)
+        ids, states = _chunk(json.loads(line))
         rows.update(zip(ids, states, strict=True))
         pids.append(map(_pid, states))
-    if json.loads(snap.readline()) != {"end": len(rows)} or len(rows) != head["rows"]:
-        raise Stale("torn, or rows missing")
+    if json.loads(snap.readline()) != {"end": len(rows), "crc32": body}:
+        raise Stale("torn, or changed since it was written")
+    if len(rows) != head["rows"] or any(d.line > lines for d in state.damage):
+        raise Stale("rows missing, or damage past its lines")
     # A row's id string is the one in the known ids, as a read leaves it.
     extra = _strs(head["state"]["predictions"])
     state.predictions = TaskIds(chain(filter(None, chain.from_iterable(pids)), extra))
@@ -149,10 +201,12 @@ def _strs(value: Any) -> list[str]:
     return value
 
 
-def _column(spec: Any, n: int, types: frozenset[type]) -> Iterable[Any]:
+def _column(
+    spec: Any, n: int, types: frozenset[type], check: Callable[[Iterable[Any]], bool]
+) -> Iterable[Any]:
     if isinstance(spec, dict) and "all" in spec:
-        if type(spec["all"]) not in types:
-            raise Stale("a value of the wrong type")
+        if type(spec["all"]) not in types or not check((spec["all"],)):
+            raise Stale("a value of the wrong type or range")
         return repeat(spec["all"], n)
     if isinstance(spec, dict):
         table, index = spec["t"], spec["i"]
@@ -160,16 +214,20 @@ def _column(spec: Any, n: int, types: frozenset[type]) -> Iterable[Any]:
             raise Stale("a value of the wrong type")
         if len(index) != n or (index and not 0 <= min(index) <= max(index) < len(table)):
             raise Stale("a column of the wrong length")
+        if not check(table):
+            raise Stale("a value out of range")
         return map(table.__getitem__, index)
     if not isinstance(spec, list) or len(spec) != n or not set(map(type, spec)) <= types:
         raise Stale("a column of the wrong type or length")
+    if not check(spec):
+        raise Stale("a value out of range")
     return spec
 
 
 def _chunk(data: Any) -> tuple[list[str], list[RowState]]:
     ids = _strs(data["ids"])
     n, cols = len(ids), data["cols"]
-    columns = [_column(cols[name], n, types) for name, types, _ in _FIELDS]
+    columns = [_column(cols[name], n, types, check) for name, types, _, check in _FIELDS]
     columns[0] = map(_STATUS.__getitem__, columns[0])
     outputs = list(columns[4])
     if not set(map(type, chain.from_iterable(outputs))) <= {str}:
@@ -181,57 +239,77 @@ def _chunk(data: Any) -> tuple[list[str], list[RowState]]:
 def _folder_facts(facts: Any) -> LedgerState:
     state = LedgerState()
     for name in _SPEND:
-        setattr(state, name, float(facts[name]))
+        setattr(state, name, _amount(facts[name]))
     for name in _COUNTS:
-        setattr(state, name, int(facts[name]))
-    state.price = float(facts["price"])
+        setattr(state, name, _count(facts[name]))
+    state.price = _amount(facts["price"])
     for sha, url, when, base in facts["uploads"]:
-        state.uploads[str(sha)] = (str(url), float(when), str(base))
+        state.uploads[_str(sha)] = (_str(url), _amount(when), _str(base))
     for key in ("runs", "finished"):
         records = facts[key]
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise Stale(f"{key} are not records")
         setattr(state, key, records)
     for row, intent, price, ts, sha, keys, model, seed, fingerprint, counted in facts["doubts"]:
+        if type(seed) is not int or type(counted) is not bool:
+            raise Stale("a doubt's seed or flag of the wrong type")
         doubt = Doubt(
-            str(row),
-            str(intent),
-            float(price),
+            _str(row),
+            _str(intent),
+            _amount(price),
             _opt(ts),
             _opt(sha),
             tuple(_strs(keys)),
             _opt(model),
-            int(seed),
+            seed,
             _opt(fingerprint),
-            bool(counted),
+            counted,
         )
         state.doubts[doubt.intent] = doubt
     orphans = facts["orphans"]
     if not isinstance(orphans, dict) or not set(map(type, orphans.values())) <= {str}:
         raise Stale("orphans are not ids and rows")
     state.orphans = orphans
-    state.damage = [Damage(int(line), _opt(row), str(why)) for line, row, why in facts["damage"]]
+    state.damage = [Damage(_count(n), _opt(row), _str(why)) for n, row, why in facts["damage"]]
     return state
 
 
+def _amount(value: Any) -> float:
+    """Money or a time: a finite number, never negative (as the reducer keeps them)."""
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        raise Stale("not an amount")
+    return float(value)
+
+
+def _count(value: Any) -> int:
+    if type(value) is not int or value < 0:
+        raise Stale("not a count")
+    return int(value)
+
+
+def _str(value: Any) -> str:
+    if type(value) is not str:
+        raise Stale("not a string")
+    return str(value)
+
+
 def _opt(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise Stale("not a string")
+    return None if value is None else _str(value)
 
 
 # -- writing ---------------------------------------------------------------------
 
 
 def save(ledger: Path, start: Start) -> bool:
-    """Write ``start`` as the ledger's snapshot (whole, or not at all); False when the
-    folder refuses it (read-only, full): a cache missing costs only time."""
+    """Write ``start`` as the ledger's snapshot (whole, or not at all); False when it
+    cannot be (a read-only or full folder, a record nested too deep to encode): a cache
+    missing costs only time."""
     if start.state.predictions.strings() is None:
         return False  # a run's ids kept as hashes: only a read's state is saved
     try:
         with atomic_file(snapshot_path(ledger)) as fh:
             fh.writelines(_encode(ledger.name, start))
-    except OSError:
+    except (OSError, ValueError, RecursionError):
         return False
     return True
 
@@ -243,6 +321,7 @@ def _encode(name: str, start: Start) -> Iterator[bytes]:
     given = {pid for pid in map(_pid, rows.values()) if pid is not None}
     head = {
         "format": FORMAT,
+        "reducer": reducer_key(),
         "ledger": name,
         "offset": start.offset,
         "lines": start.lines,
@@ -251,19 +330,23 @@ def _encode(name: str, start: Start) -> Iterator[bytes]:
         "chunks": chunks,
         "state": _folder_record(state, given),
     }
-    yield _line(head)
+    line = _line(head)
+    body = zlib.crc32(line)
+    yield line
     items = iter(rows.items())
     for _ in range(chunks):
         part = list(islice(items, CHUNK_ROWS))
         states = [s for _, s in part]
         cols: dict[str, Any] = {}
-        for name, _types, plain in _FIELDS:
+        for name, _types, plain, _check in _FIELDS:
             values = list(map(attrgetter(name), states))
             if name == "base":
                 values = [s.value for s in values]
             cols[name] = values if plain else _tabled(values)
-        yield _line({"ids": [row_id for row_id, _ in part], "cols": cols})
-    yield _line({"end": len(rows)})
+        line = _line({"ids": [row_id for row_id, _ in part], "cols": cols})
+        body = zlib.crc32(line, body)
+        yield line
+    yield _line({"end": len(rows), "crc32": body})
 
 
 def _tabled(values: list[Any]) -> dict[str, Any]:

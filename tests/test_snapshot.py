@@ -3,8 +3,12 @@ ledger gives, and a snapshot that does not match the ledger is never used."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import random
+import subprocess
+import sys
+import zlib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,7 @@ from batch.ledger import read_ledger
 from batch.manifest import load_manifest
 from batch.snapshot import snapshot_path
 from batch.state import LedgerState
-from tests.conftest import run_subprocess, simple_rows, snapshot_left
+from tests.conftest import run_subprocess, simple_rows, snapshot_left, subprocess_env
 from tests.test_fuzz_ledger import _ledger
 from tests.test_ledger_fast import _mutated
 
@@ -133,9 +137,15 @@ def test_a_snapshot_that_does_not_match_the_ledger_is_not_used(
     assert got == _whole(path)
 
 
-def _rewrite(path: Path, edit: Any) -> None:
-    lines = path.read_bytes().splitlines(keepends=True)
-    path.write_bytes(b"".join(edit(lines)))
+def _rewrite(path: Path, edit: Any, *, reseal: bool = True) -> None:
+    """Edit a snapshot's lines; ``reseal`` gives the trailer the CRC of what the edit
+    left, as a forger would (else the CRC alone would set every edit aside)."""
+    lines = edit(path.read_bytes().splitlines(keepends=True))
+    if reseal and lines and lines[-1].startswith(b'{"end"'):
+        trailer = json.loads(lines[-1])
+        trailer["crc32"] = zlib.crc32(b"".join(lines[:-1]))
+        lines[-1] = json.dumps(trailer).encode() + b"\n"
+    path.write_bytes(b"".join(lines))
 
 
 def _chunk_edit(key: str, value: Any) -> Any:
@@ -147,18 +157,61 @@ def _chunk_edit(key: str, value: Any) -> Any:
     return edit
 
 
+def _head_edit(change: Any) -> Any:
+    def edit(lines: list[bytes]) -> list[bytes]:
+        head = json.loads(lines[0])
+        change(head)
+        return [json.dumps(head).encode() + b"\n", *lines[1:]]
+
+    return edit
+
+
+def _mid_line(head: dict[str, Any]) -> None:
+    """The offset one byte back, with the CRC and line count of that prefix."""
+    data = Path(head.pop("_ledger")).read_bytes()[: head["offset"] - 1]
+    head.update(offset=len(data), crc32=zlib.crc32(data), lines=data.count(b"\n"))
+
+
 PLANTED = {
     "torn": lambda lines: [*lines[:-1], lines[-1][:5]],
     "no trailer": lambda lines: lines[:-1],
     "not JSON": lambda lines: [lines[0], b"{nope\n", *lines[2:]],
     "nested past recursion": lambda lines: [lines[0], b"[" * 100_000 + b"\n", *lines[2:]],
-    "other format": lambda lines: [lines[0].replace(b'"format":1', b'"format":9'), *lines[1:]],
+    "other format": _head_edit(lambda h: h.update(format=9)),
+    "another reducer": _head_edit(lambda h: h.update(reducer="0" * 32)),
     "output not a name": _chunk_edit("outputs", [[7]] * 99),
     "unknown status": _chunk_edit("base", {"all": "paid"}),
     "index out of range": _chunk_edit("ts", {"t": ["x"], "i": [5] * 99}),
     "negative index": _chunk_edit("ts", {"t": ["x"], "i": [-1] * 99}),
     "wrong type": _chunk_edit("submits", {"all": "9"}),
+    "negative submits": _chunk_edit("submits", {"all": -1}),
+    "negative intent price": _chunk_edit("intent_price", {"all": -0.024}),
+    "NaN intent price": _chunk_edit("intent_price", {"t": [0.0, float("nan")], "i": [1] * 99}),
     "short column": _chunk_edit("fingerprint", []),
+    "spend NaN": _head_edit(lambda h: h["state"].update(billed_spend=float("nan"))),
+    "spend negative": _head_edit(lambda h: h["state"].update(billed_spend=-1.0)),
+    "spend of 400 digits": _head_edit(lambda h: h["state"].update(billed_spend=10**400)),
+    "price negative": _head_edit(lambda h: h["state"].update(price=-0.024)),
+    "count a float": _head_edit(lambda h: h["state"].update(possible_duplicates=1.5)),
+    "chunks infinite": _head_edit(lambda h: h.update(chunks=float("inf"))),
+    "offset true": _head_edit(lambda h: h.update(offset=True)),
+    "offset inside a line": _head_edit(_mid_line),
+    "lines one short": _head_edit(lambda h: h.update(lines=h["lines"] - 1)),
+    "damage past its lines": _head_edit(lambda h: h["state"].update(damage=[[10**6, None, "x"]])),
+    "rows lie": _head_edit(lambda h: h.update(rows=h["rows"] + 1)),
+    "doubt flag a string": _head_edit(
+        lambda h: h["state"].update(
+            doubts=[["r1", "i", 0.024, None, None, [], None, 1, None, "no"]]
+        )
+    ),
+    "upload forever": _head_edit(
+        lambda h: h["state"].update(uploads=[["ab", "http://x/i.png", float("inf"), "http://x"]])
+    ),
+    "a byte flipped, not resealed": lambda lines: [
+        lines[0],
+        lines[1].replace(b'"all":0', b'"all":1', 1),
+        *lines[2:],
+    ],
 }
 
 
@@ -171,7 +224,11 @@ def test_a_damaged_or_planted_snapshot_is_not_used(tmp_path: Path, snapshots, da
     path.write_bytes(b"".join(line for line in lines if line.endswith(b"\n")))
     read_ledger(path, keep_last=False)
     snapshot.SNAPSHOT_LINES = 1 << 60  # the damaged snapshot stays as it is
-    _rewrite(snapshot_path(path), PLANTED[damage])
+    if damage == "offset inside a line":
+        _rewrite(
+            snapshot_path(path), _head_edit(lambda h: h.update(_ledger=str(path))), reseal=False
+        )
+    _rewrite(snapshot_path(path), PLANTED[damage], reseal="not resealed" not in damage)
     snapshots.clear()
     got = _everything(read_ledger(path, keep_last=False)[0])
     assert snapshots == []
@@ -236,3 +293,90 @@ def test_a_refresh_that_cannot_start_never_fails_the_run(
     assert not snapshot_path(ledger).exists()
     read_ledger(ledger, keep_last=False)
     assert snapshot_left(ledger, timeout=0.1) is not None
+
+
+def test_a_resealed_snapshot_is_used_when_its_values_hold(tmp_path: Path, snapshots):
+    """The control for the planted cases: a snapshot re-encoded and resealed with the
+    same values is used (so each of them is set aside for its value, not its CRC)."""
+    path = tmp_path / "ledger.jsonl"
+    path.write_bytes(b"".join(_mutated(random.Random(n), n) for n in range(99)).rsplit(b"\n", 1)[0])
+    path.write_bytes(path.read_bytes() + b"\n")
+    read_ledger(path, keep_last=False)
+    snapshot.SNAPSHOT_LINES = 1 << 60
+    _rewrite(snapshot_path(path), _head_edit(lambda h: None))
+    snapshots.clear()
+    got = _everything(read_ledger(path, keep_last=False)[0])
+    assert len(snapshots) == 1 and got == _whole(path)
+
+
+def test_repair_reads_every_line_itself(tmp_path: Path, snapshots):
+    """`wsbatch repair` moves lines by their numbers: it never starts from a snapshot."""
+    from batch import repair
+
+    path = _run_folder(tmp_path)
+    read_ledger(path, keep_last=False)
+    assert snapshot_path(path).exists()
+    snapshots.clear()
+    found = repair.inspect(tmp_path)
+    assert snapshots == [] and found.damage
+
+
+def test_a_record_too_deep_to_encode_leaves_no_snapshot(tmp_path: Path):
+    """A run record nested past the encoder's recursion limit: saving is refused and
+    leaves nothing behind; the read itself is unharmed."""
+    path = tmp_path / "ledger.jsonl"
+    path.write_bytes(b"x\n")
+    state = LedgerState()
+    deep: dict[str, Any] = {}
+    for _ in range(100_000):
+        deep = {"k": deep}
+    state.runs.append(deep)
+    assert not snapshot.save(path, snapshot.Start(state, 2, 1, zlib.crc32(b"x\n")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.jsonl"]
+
+
+def test_a_line_without_a_stamp_is_read_as_written(tmp_path: Path):
+    """A record with no ``ts`` is kept without one, whichever line a read starts on."""
+    path = tmp_path / "ledger.jsonl"
+    path.write_text('{"event":"run","run_id":"a","price":0.024}\n')
+    for keep_last in (True, False):
+        assert "ts" not in read_ledger(path, keep_last=keep_last)[0].runs[0]
+
+
+def test_one_refresh_of_a_ledger_at_a_time(tmp_path: Path):
+    """A refresh while another holds the ledger's refresh lock leaves at once."""
+    path = _run_folder(tmp_path)
+    with open(path, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert refresh.refresh(path) is False
+    assert not snapshot_path(path).exists()
+    assert refresh.refresh(path) is True
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "-1", "1e3", " 5"])
+def test_an_odd_threshold_setting_keeps_the_default(monkeypatch, value: str):
+    """WSBATCH_SNAPSHOT_LINES that is not plain ASCII digits is ignored, never a crash."""
+    monkeypatch.setenv(snapshot.SNAPSHOT_LINES_ENV, value)
+    assert snapshot.snapshot_lines() == snapshot.SNAPSHOT_LINES
+
+
+def test_the_refresh_never_imports_a_batch_from_the_current_folder(
+    tmp_path: Path, images, write_manifest, emulator
+):
+    """Started from a folder holding a ``batch.py``, the refresh still imports wsbatch
+    (the interpreter's ``-P``) and leaves the snapshot; that file never runs."""
+    manifest = write_manifest(simple_rows(images, 4))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    marker = tmp_path / "ran"
+    (cwd / "batch.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "batch", "run", str(manifest), "--base-url",
+         emulator.base_url, "--out", str(out), "--no-progress"],
+        cwd=cwd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        env=subprocess_env(WSBATCH_SNAPSHOT_LINES="5"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert snapshot_left(out / "ledger.jsonl") is not None
+    assert not marker.exists()
