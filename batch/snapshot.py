@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -106,9 +107,9 @@ def reducer_key() -> str:
     upgrade, a downgrade, an edit) sets earlier snapshots aside."""
     digest = hashlib.sha256(f"{FORMAT} {__version__} {sys.version_info[:2]}".encode())
     for name in ("batch.events", "batch.state", "batch.ledger", "batch.snapshot"):
-        module = sys.modules.get(name)
+        module = importlib.import_module(name)  # loaded already: the ledger reads with it
         try:
-            digest.update(Path(module.__file__ or "").read_bytes() if module else b"?")
+            digest.update(Path(module.__file__ or "").read_bytes())
         except OSError:
             digest.update(b"?")  # no source beside it: the version stands for it
     return digest.hexdigest()[:32]
