@@ -316,6 +316,8 @@ def _command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except BrokenPipeError as exc:  # what we printed had no reader left
         return _output_refused(exc)
     except OSError as exc:
+        if exc.errno is None:  # no refusal of the machine's (a timeout that got through)
+            return _internal_error(exc, args.debug)
         try:
             sys.stdout.flush()  # was it standard output that refused?
         except OSError as refused:
@@ -326,16 +328,20 @@ def _command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"wsbatch: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except Exception as exc:
-        if args.debug:
-            traceback.print_exc()
-        else:
-            print(
-                f"wsbatch: internal error: {type(exc).__name__}: {exc} "
-                "(rerun with --debug for the traceback)",
-                file=sys.stderr,
-            )
-        return 1
+        return _internal_error(exc, args.debug)
     return 2
+
+
+def _internal_error(exc: Exception, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    else:
+        print(
+            f"wsbatch: internal error: {type(exc).__name__}: {exc} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+    return 1
 
 
 # -- settings ----------------------------------------------------------------

@@ -115,6 +115,17 @@ def reducer_key() -> str:
     return digest.hexdigest()[:32]
 
 
+def covers(ledger: Path) -> bool:
+    """Whether the ledger's snapshot was made from all of it as it stands (its header
+    alone, unchecked: for waiting on a refresh, never for reading)."""
+    try:
+        with open(snapshot_path(ledger), "rb") as fh:
+            head = json.loads(fh.readline())
+        return isinstance(head, dict) and head.get("offset") == ledger.stat().st_size
+    except (OSError, ValueError):
+        return False
+
+
 @dataclass(slots=True)
 class Start:
     """Where a ledger read begins: a snapshot's state, after ``offset`` bytes (``lines``

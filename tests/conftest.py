@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -185,13 +184,13 @@ def age_submits(out: Path, seconds: float) -> None:
 def snapshot_left(ledger: Path, timeout: float = 20.0) -> dict[str, Any] | None:
     """The header of the snapshot a run's detached refresh leaves beside ``ledger``, once
     it covers the whole ledger; None if none does within ``timeout``."""
-    from batch.snapshot import snapshot_path
+    from batch.snapshot import covers, snapshot_path
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            head: dict[str, Any] = json.loads(snapshot_path(ledger).read_bytes().split(b"\n")[0])
-            if head["offset"] == ledger.stat().st_size:
-                return head
+        if covers(ledger):
+            with open(snapshot_path(ledger), "rb") as fh:
+                head: dict[str, Any] = json.loads(fh.readline())
+            return head
         time.sleep(0.05)
     return None

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -348,3 +349,17 @@ def test_output_nobody_reads_ends_quietly(tmp_path: Path, rows: int):
     finally:
         os.close(write)
     assert done.returncode == 1 and done.stderr == ""
+
+
+def test_an_os_error_without_a_reason_is_an_internal_error(tmp_path: Path, monkeypatch, capsys):
+    """A TimeoutError (an OSError with no errno) that got through is not passed off as
+    the machine refusing something: it is an internal error, with the --debug hint."""
+    from batch import cli
+
+    def times_out(args: Any) -> int:
+        raise TimeoutError
+
+    monkeypatch.setattr(cli, "_cmd_status", times_out)
+    assert cli.main(["status", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "internal error: TimeoutError" in err and "--debug" in err

@@ -366,22 +366,16 @@ def _refreshed(ledger: Path, timeout: float = 300.0) -> None:
     """Wait for the detached snapshot refresh a long run starts as it ends, so that it
     does not run beside the next measurement (it is not part of this one: the run's
     command has returned)."""
-    from batch.snapshot import snapshot_lines, snapshot_path
+    from batch.snapshot import covers, snapshot_lines
 
     try:
         data = ledger.read_bytes()
     except FileNotFoundError:
         return
     if data.count(b"\n") < snapshot_lines():
-        return
+        return  # too short to have started one
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            head = json.loads(snapshot_path(ledger).read_bytes().split(b"\n", 1)[0])
-            if head.get("offset") == len(data):
-                return
-        except (FileNotFoundError, ValueError):
-            pass
+    while time.monotonic() < deadline and not covers(ledger):
         time.sleep(0.2)
 
 
